@@ -1,0 +1,69 @@
+"""The one module that reads torchrun / SLURM environment variables.
+
+``init()`` returns a :class:`DistEnv`; a plain ``python``/``ngbench`` process is rank 0
+of world size 1.  Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) it
+initialises the default process group (``gloo`` on CPU, ``nccl`` on GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default
+
+
+def init(device_type: str = "cpu") -> DistEnv:
+    world = env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return DistEnv()
+    rank, local = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+    return DistEnv(rank=rank, world_size=world, local_rank=local, backend=backend)
+
+
+def slurm_job_id() -> str | None:
+    return os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.enabled:
+        dist.all_reduce(x)
+        x /= env.world_size
+    return x
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.destroy_process_group()

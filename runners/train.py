@@ -1,0 +1,101 @@
+"""Hydra entry point of ``ngbench train`` (``python -m runners.train`` is the same).
+
+    ngbench train task=autoencoder optimizer=kfac
+    ngbench train -m optimizer=sgd,adamw,kfac seed=0,1,2
+    ngbench train -m hydra/launcher=slurm optimizer=sgd,kfac seed=0,1
+
+The run folder is ``hydra.run.dir`` (``runs/<task>_<dataset>_<flavor>/<optimizer>/<overrides>/seed<N>``
+by default): a name that follows from the config, so a rerun finds its own folder, skips a
+finished run and resumes an unfinished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+log = logging.getLogger("ngbench")
+
+
+def _tag(override_dirname: str) -> str:
+    """Folder component for the non-default overrides ('default' when there are none)."""
+    if not override_dirname:
+        return "default"
+    return re.sub(r"[^A-Za-z0-9=,._+-]", "_", override_dirname)[:180]
+
+
+if not OmegaConf.has_resolver("ngb_tag"):
+    OmegaConf.register_new_resolver("ngb_tag", _tag)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from optimizers import OptimizerConfigError
+    from tasks import DataNotFoundError, TaskConfigError
+
+    from .config_check import ConfigError
+
+    return (ConfigError, OptimizerConfigError, TaskConfigError, DataNotFoundError)
+
+
+def fail(msg: str) -> None:
+    print(f"ngbench: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    from .config_check import check_config
+    from .loop import RunAlreadyDone, RunConflict, train
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    try:
+        check_config(cfg)
+    except user_errors() as exc:
+        fail(str(exc))
+    assert run_dir is not None
+    try:
+        record = train(cfg, run_dir)
+    except RunAlreadyDone as exc:
+        print(f"ngbench: {exc}", file=sys.stderr)
+        return None
+    except RunConflict as exc:
+        fail(str(exc))
+        return None
+    except user_errors() as exc:
+        fail(str(exc))
+        return None
+    except Exception as exc:  # recorded as failed in record.json
+        if multirun:
+            log.error("run %s failed: %s: %s (recorded; the sweep goes on)", run_dir,
+                      type(exc).__name__, exc)
+            return None
+        raise
+    summary = (
+        f"{record['status']}: {record['task']}/{record['optimizer']} seed {record['seed']} "
+        f"steps {record['steps_done']} train_time {record['train_time_s']:.1f}s "
+        f"target({record['target']['metric']}) "
+        f"{'reached at step ' + str(record['steps_to_target']) if record['steps_to_target'] else 'not reached'}"
+        f" -> {run_dir}"
+    )
+    print(summary, file=sys.stderr)
+    if record["status"] == "preempted" and not multirun:
+        sys.exit(3)
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> Any:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
