@@ -8,6 +8,7 @@ task/optimizer and tagged by seed; a resumed run continues the same W&B run id.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ class WandbLogger:
             config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
             dir=str(run_dir),
             mode=mode,  # type: ignore[arg-type]
-            id=resume_id or wandb.util.generate_id(),
+            id=resume_id or secrets.token_hex(4),
             resume="allow",
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )

@@ -1,0 +1,51 @@
+# ngbench — `make demo` runs the main comparison, `make test` the test suite.
+# Both set themselves up first (a venv in .venv with Python 3.12; idempotent).
+PYTHON ?= python3.12
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ngbench-installed
+NGB    := $(BIN)/ngbench
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED := 1
+
+# optimizers in the demo: every registered one
+DEMO_OPTS  = $(shell $(NGB) list optimizers --names | paste -sd, -)
+DEMO_SEEDS ?= 0,1,2
+DEMO_RUNS  ?= runs/demo
+
+.PHONY: setup demo test test-fast lint bench results clean help
+
+help:
+	@echo "make setup   create .venv (Python 3.12) and install ngbench with its dev extra"
+	@echo "make demo    MNIST autoencoder, every optimizer x 3 seeds, table + plots in results/demo"
+	@echo "make test    the test suite (what CI runs)"
+	@echo "make lint    ruff"
+	@echo "make bench   step-overhead benchmark on the small CNN"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(NGB) train -m task=autoencoder optimizer=$(DEMO_OPTS) seed=$(DEMO_SEEDS) \
+	    runs_root=$(DEMO_RUNS) train.progress=false hydra/job_logging=none hydra/hydra_logging=none
+	$(NGB) report $(DEMO_RUNS) --out results/demo
+
+test: setup
+	$(BIN)/python -m pytest -q --timeout=900
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=600
+
+lint: setup
+	$(BIN)/ruff check optimizers tasks runners tests
+
+bench: setup
+	$(NGB) bench --model small_cnn --optimizers $(DEMO_OPTS) --json results/bench_small_cnn.json
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache

@@ -1,0 +1,116 @@
+"""The real ``ngbench`` CLI on the tiny flavor: run folders, record schema, errors, reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runners.records import read_metrics
+
+RECORD_KEYS = {
+    "task", "optimizer", "seed", "status", "target", "steps_to_target", "time_to_target_s",
+    "final_metrics", "best_metrics", "git", "packages", "hardware", "world_size",
+}
+ROW_KEYS = {"step", "epoch", "train_time_s", "train_loss"}
+
+
+def _run_dir(tmp: Path, opt: str = "sgd", tag: str = "default", seed: int = 0) -> Path:
+    return tmp / "runs" / "autoencoder_mnist_tiny" / opt / tag / f"seed{seed}"
+
+
+def test_train_smoke_writes_run_folder(ngbench, tmp_path):
+    p = ngbench("train", "task=autoencoder", "optimizer=adamw", "debug=smoke", "seed=3")
+    assert p.returncode == 0, p.stderr
+    run = _run_dir(tmp_path, "adamw", seed=3)
+    assert {"config.yaml", "metrics.jsonl", "record.json"} <= {f.name for f in run.iterdir()}
+    rec = json.loads((run / "record.json").read_text())
+    assert RECORD_KEYS <= set(rec)
+    assert rec["status"] == "completed" and rec["seed"] == 3 and rec["optimizer"] == "adamw"
+    assert rec["steps_done"] == 6 and rec["world_size"] == 1
+    assert rec["packages"]["torch"] and rec["hardware"]["cpu_count"] >= 1
+    assert rec["target"] == {"metric": "full_train_loss", "value": rec["target"]["value"],
+                             "mode": "min"}
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 6]  # debug=smoke: eval every 3 of 6 steps
+    for r in rows:
+        assert ROW_KEYS | {"full_train_loss", "val_loss"} <= set(r)
+    assert rows[1]["train_time_s"] > rows[0]["train_time_s"] > 0
+    assert rec["final_metrics"]["full_train_loss"] == rows[-1]["full_train_loss"]
+    assert rec["best_metrics"]["val_loss"] == min(r["val_loss"] for r in rows)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["optimizer"]["name"] == "adamw" and cfg["seed"] == 3
+    assert cfg["task"]["data_root"] and "${" not in (run / "config.yaml").read_text()
+    # checkpoint removed once the run is finished
+    assert not (run / "checkpoint.pt").exists()
+
+
+def test_completed_run_is_not_overwritten(ngbench, tmp_path):
+    assert ngbench("train", "debug=smoke").returncode == 0
+    rec_path = _run_dir(tmp_path) / "record.json"
+    before = rec_path.read_text()
+    p = ngbench("train", "debug=smoke")
+    assert p.returncode == 0
+    assert "already holds a completed run" in p.stderr and "skipped" in p.stderr
+    assert rec_path.read_text() == before
+    # same folder, different config (changing an excluded display key would not count):
+    p = ngbench("train", "debug=smoke", "hydra.run.dir=runs/autoencoder_mnist_tiny/sgd/default/seed0",
+                "optimizer.momentum=0.5")
+    assert p.returncode == 2 and "different config" in p.stderr
+    assert rec_path.read_text() == before
+
+
+def test_override_goes_into_folder_name_and_sweep(ngbench, tmp_path):
+    p = ngbench("train", "-m", "debug=smoke", "optimizer=sgd", "optimizer.lr=0.001,0.002")
+    assert p.returncode == 0, p.stderr
+    for lr in ("0.001", "0.002"):
+        rec = json.loads((_run_dir(tmp_path, tag=f"optimizer.lr={lr}") / "record.json").read_text())
+        assert rec["hparams"]["lr"] == float(lr)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["optimizer=nope"], ["optimizer", "nope", "adamw", "sgd"]),
+        (["task=nope"], ["task", "nope", "autoencoder"]),
+        (["optimizer.lr=-1"], ["optimizer.lr", ">= 0"]),
+        (["train.steps=abc"], ["train.steps", "integer"]),
+        (["optimizer.momentum=fast"], ["optimizer.momentum", "float"]),
+        (["+optimizer.betas=3"], ["optimizer.betas", "valid keys", "momentum"]),
+        (["train.schedule=zigzag"], ["train.schedule", "cosine"]),
+        (["task.dataset=cifar"], ["task.dataset", "mnist", "curves", "faces"]),
+    ],
+)
+def test_bad_config_fails_before_training_with_clear_message(ngbench, tmp_path, args, needles):
+    p = ngbench("train", "debug=smoke", *args)
+    assert p.returncode != 0
+    err = p.stderr
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+    assert not list((tmp_path / "runs").rglob("record.json")) if (tmp_path / "runs").exists() else True
+
+
+def test_missing_full_dataset_names_path_and_fix(ngbench, tmp_path):
+    p = ngbench("train", "task.flavor=full", "task.dataset=curves", "train.steps=2",
+                f"task.data_root={tmp_path / 'nodata'}")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert str(tmp_path / "nodata") in p.stderr and "digs3pts_1.mat" in p.stderr
+    assert "ngbench data curves" in p.stderr
+
+
+def test_list_and_data_and_help(ngbench):
+    p = ngbench("list", "optimizers")
+    assert p.returncode == 0 and "sgd" in p.stdout and "adamw" in p.stdout
+    p = ngbench("list", "tasks")
+    assert p.returncode == 0 and "autoencoder" in p.stdout and "full_train_loss" in p.stdout
+    p = ngbench("data", "mnist_5k")
+    assert p.returncode == 0 and "4000 train" in p.stdout
+    p = ngbench("data", "nonexistent")
+    assert p.returncode == 2 and "valid choices" in p.stderr
+    for sub in ("report", "list", "data", "train"):
+        p = ngbench(sub, "--help")
+        assert p.returncode == 0 and "usage" in p.stdout.lower(), sub
+    assert ngbench("frobnicate").returncode == 2
