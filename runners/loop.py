@@ -107,6 +107,34 @@ class _StopSignal:
             signal.signal(s, h)
 
 
+def train_step(
+    task: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    *,
+    sampled_fisher: bool = False,
+    grad_clip: float | None = None,
+) -> float:
+    """One optimizer step; returns the (synchronized) training loss.
+
+    With ``sampled_fisher``, an optimizer that asks for it gets an extra backward of the
+    loss against labels sampled from the model (MC Fisher) before the real backward.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss, outputs = task.loss(model, batch)
+    if sampled_fisher and optimizer.needs_sampled_backward():  # type: ignore[attr-defined]
+        sampled = task.sampled_loss(outputs)
+        if sampled is not None:
+            with optimizer.sampled_backward():  # type: ignore[attr-defined]
+                sampled.backward(retain_graph=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+    optimizer.step()
+    return float(loss.detach())
+
+
 def check_existing(run_dir: Path, cfg_hash: str) -> dict[str, Any] | None:
     """Refuse to redo or overwrite a finished run; return the previous record if resumable."""
     rec_path = run_dir / records.RECORD
@@ -326,19 +354,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     batch = task.to_device(batch, device)
                     _sync(device)
                     t0 = time.perf_counter()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss, outputs = task.loss(model, batch)
-                    if use_sampled and optimizer.needs_sampled_backward():  # type: ignore[attr-defined]
-                        sampled = task.sampled_loss(outputs)
-                        if sampled is not None:
-                            with optimizer.sampled_backward():  # type: ignore[attr-defined]
-                                sampled.backward(retain_graph=True)
-                    loss.backward()
-                    if tcfg.get("grad_clip"):
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.grad_clip))
-                    optimizer.step()
+                    loss_value = train_step(
+                        task, model, optimizer, batch, sampled_fisher=use_sampled,
+                        grad_clip=tcfg.get("grad_clip"),
+                    )
                     scheduler.step()
-                    loss_value = float(loss.detach())  # synchronizes
                     _sync(device)
                     dt = time.perf_counter() - t0
                     st["train_time_s"] += dt
