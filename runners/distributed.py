@@ -35,7 +35,19 @@ def env_int(name: str, default: int) -> int:
     return int(v) if v not in (None, "") else default
 
 
+def _export_slurm_env() -> None:
+    """Under SLURM with several tasks (submitit launcher), export the torchrun variables."""
+    if "WORLD_SIZE" in os.environ or env_int("SLURM_NTASKS", 1) <= 1:
+        return
+    if "SUBMITIT_EXECUTOR" not in os.environ and "SUBMITIT_FOLDER" not in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init(device_type: str = "cpu") -> DistEnv:
+    _export_slurm_env()
     world = env_int("WORLD_SIZE", 1)
     if world <= 1:
         return DistEnv()
@@ -67,3 +79,26 @@ def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def shutdown(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, env: DistEnv, device: torch.device) -> torch.nn.Module:
+    """DDP-wrap ``model`` when running with several processes (else return it unchanged)."""
+    if not env.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else env.local_rank] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def mean_scalar(value: float, env: DistEnv) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    return float(all_reduce_mean(t, env)[0])
+
+
+def broadcast_object(obj: object, env: DistEnv, src: int = 0) -> object:
+    if not env.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

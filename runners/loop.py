@@ -16,6 +16,7 @@ folder (``config.yaml``, ``metrics.jsonl``, ``record.json``, ``checkpoint.pt``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -106,6 +107,13 @@ class _StopSignal:
         for s, h in self._old.items():
             signal.signal(s, h)
 
+    def forward(self) -> None:
+        """After the checkpoint is safe, hand the signal to whoever handled it before us
+        (submitit's handler requeues the SLURM job and exits)."""
+        old = self._old.get(self.signum) if self.signum is not None else None
+        if callable(old):
+            old(self.signum, None)
+
 
 def train_step(
     task: Any,
@@ -126,7 +134,9 @@ def train_step(
     if sampled_fisher and optimizer.needs_sampled_backward():  # type: ignore[attr-defined]
         sampled = task.sampled_loss(outputs)
         if sampled is not None:
-            with optimizer.sampled_backward():  # type: ignore[attr-defined]
+            # under DDP the sampled-label gradients must not be all-reduced: they are discarded
+            no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+            with no_sync(), optimizer.sampled_backward():  # type: ignore[attr-defined]
                 sampled.backward(retain_graph=True)
     loss.backward()
     if grad_clip:
@@ -176,6 +186,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     task = build_task(cfg.task)
     target = task.target
     model = task.build_model().to(device)
+    # the optimizer hooks the bare model's modules; DDP (when world_size > 1) wraps it for the
+    # forward/backward so gradients arrive averaged over ranks
+    net = distributed.wrap_model(model, env, device)
     opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
     assert isinstance(opt_cfg, dict)
     spec = get_spec(str(opt_cfg["name"]))
@@ -292,7 +305,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     def evaluate() -> dict[str, Any]:
         was_training = model.training
         model.eval()
-        metrics = task.evaluate(model, device)
+        metrics = task.evaluate(model, device) if env.is_main else {}
+        metrics = distributed.broadcast_object(metrics, env)  # all ranks agree on target/stop
         model.train(was_training)
         row: dict[str, Any] = {
             "step": st["step"],
@@ -335,10 +349,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         progress = tqdm(
             total=steps, initial=st["step"], desc=f"{task.name}/{spec.name}", leave=False
         )
+    stopper = _StopSignal()
     max_time = tcfg.get("max_time_s")
     stop_at_target = bool(tcfg.get("stop_at_target"))
     try:
-        with _StopSignal() as stop:
+        with stopper as stop:
             stop_now = False
             while st["step"] < steps and not stop_now:
                 batches = task.train_batches(
@@ -355,10 +370,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     _sync(device)
                     t0 = time.perf_counter()
                     loss_value = train_step(
-                        task, model, optimizer, batch, sampled_fisher=use_sampled,
+                        task, net, optimizer, batch, sampled_fisher=use_sampled,
                         grad_clip=tcfg.get("grad_clip"),
                     )
                     scheduler.step()
+                    if env.enabled:  # every rank sees the global mean loss (same stop decisions)
+                        loss_value = distributed.mean_scalar(loss_value, env)
                     _sync(device)
                     dt = time.perf_counter() - t0
                     st["train_time_s"] += dt
@@ -399,8 +416,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 else:
                     st["epoch"] += 1
                     st["batch_in_epoch"] = 0
-        if status == "completed" and st["last_eval"].get("step") != st["step"]:
-            evaluate()
+            if status == "completed" and st["last_eval"].get("step") != st["step"]:
+                evaluate()
     except BaseException as exc:
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
@@ -418,6 +435,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         ckpt_path.unlink(missing_ok=True)
     if logger is not None:
         logger.finish(record, exit_code=0)
+    if status == "preempted":
+        stopper.forward()
     return record
 
 

@@ -35,6 +35,8 @@ def _tag(override_dirname: str) -> str:
 
 if not OmegaConf.has_resolver("ngb_tag"):
     OmegaConf.register_new_resolver("ngb_tag", _tag)
+if not OmegaConf.has_resolver("ngb_max"):
+    OmegaConf.register_new_resolver("ngb_max", lambda *xs: max(int(x) for x in xs))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
