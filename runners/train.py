@@ -54,6 +54,7 @@ def fail(msg: str) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
+    from . import distributed
     from .config_check import check_config
     from .loop import RunAlreadyDone, RunConflict, train
 
@@ -88,7 +89,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         f"{'reached at step ' + str(record['steps_to_target']) if record['steps_to_target'] else 'not reached'}"
         f" -> {run_dir}"
     )
-    print(summary, file=sys.stderr)
+    if distributed.current_rank() == 0:
+        print(summary, file=sys.stderr)
     if record["status"] == "preempted" and not multirun:
         sys.exit(3)
     return record

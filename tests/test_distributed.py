@@ -1,0 +1,52 @@
+"""DDP through torchrun on CPU (gloo): a 2-process run equals a 1-process run on the same
+global batch, for every registered optimizer (curvature statistics are averaged over ranks)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import optimizers
+from runners.records import read_json, read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path: Path, nproc: int, opt: str, root: str) -> Path:
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    args = ["debug=smoke", f"optimizer={opt}", f"runs_root={root}", "train.steps=12",
+            "train.eval_every=6", "train.batch_size=200"]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "runners.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", "-m", "runners.train", *args]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (rec,) = (tmp_path / root).rglob("record.json")
+    return rec.parent
+
+
+@pytest.mark.parametrize("opt", optimizers.list_optimizers())
+def test_two_processes_match_one(tmp_path, opt):
+    one = _run(tmp_path, 1, opt, "one")
+    two = _run(tmp_path, 2, opt, "two")
+    assert read_json(two / "record.json")["world_size"] == 2
+    r1, r2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [6, 12]
+    for a, b in zip(r1, r2, strict=True):
+        for k in ("full_train_loss", "val_loss", "train_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), (opt, k, a[k], b[k])
