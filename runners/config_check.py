@@ -48,6 +48,8 @@ def check_train(train: dict[str, Any]) -> None:
         _need(v is None or (_is_num(v) and v > 0), f"train.{key} must be null or > 0, got {v!r}")
     v = train.get("min_lr_ratio")
     _need(_is_num(v) and 0 <= v <= 1, f"train.min_lr_ratio must be in [0, 1], got {v!r}")
+    v = train.get("lr_mult")
+    _need(_is_num(v) and v > 0, f"train.lr_mult must be a number > 0, got {v!r}")
     v = train.get("threads")
     _need(v is None or (_is_int(v) and v >= 1), f"train.threads must be null or >= 1, got {v!r}")
 

@@ -192,6 +192,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
     assert isinstance(opt_cfg, dict)
     spec = get_spec(str(opt_cfg["name"]))
+    lr_mult = float(tcfg.get("lr_mult", 1.0))
+    if "lr" in opt_cfg and lr_mult != 1.0:
+        opt_cfg["lr"] = float(opt_cfg["lr"]) * lr_mult
     optimizer = build_optimizer(opt_cfg, model)
     steps = int(tcfg.steps)
     scheduler = build_scheduler(
@@ -218,6 +221,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "steps_since_eval": 0,
         "steps_to_target": None,
         "time_to_target_s": None,
+        "epochs_to_target": None,
         "best": {},
         "last_eval": {},
         "wandb_id": None,
@@ -266,7 +270,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "final_metrics": {},
         "best_metrics": {},
         "config_hash": cfg_hash,
-        "hparams": {k: v for k, v in opt_cfg.items() if k != "name"},
+        "hparams": {k: v for k, v in opt_cfg.items() if k != "name"},  # effective values
+        "lr_mult": lr_mult,
         "batch_size": batch_size,
         "git": records.git_commit(),
         "packages": records.package_versions(),
@@ -333,6 +338,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if st["steps_to_target"] is None and target.reached(row.get(target.metric)):
             st["steps_to_target"] = st["step"]
             st["time_to_target_s"] = st["train_time_s"]
+            st["epochs_to_target"] = row["epoch"]
         if env.is_main:
             records.append_metrics(metrics_path, row)
             if logger is not None:
@@ -455,6 +461,7 @@ def _finish(
         mean_step_s=st["train_time_s"] / st["step"] if st["step"] else None,
         steps_to_target=st["steps_to_target"],
         time_to_target_s=st["time_to_target_s"],
+        epochs_to_target=st.get("epochs_to_target"),
         final_metrics={k: v for k, v in st["last_eval"].items()},
         best_metrics=dict(st["best"]),
         finished=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -73,6 +73,7 @@ def runs_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
                 else math.nan,
                 "best": (rec.get("best_metrics") or {}).get(metric, math.nan),
                 "steps_to_target": rec.get("steps_to_target"),
+                "epochs_to_target": rec.get("epochs_to_target"),
                 "time_to_target_s": rec.get("time_to_target_s"),
                 "mean_step_s": rec.get("mean_step_s"),
                 "train_time_s": rec.get("train_time_s"),
@@ -80,7 +81,8 @@ def runs_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
             }
         )
     df = pd.DataFrame(rows)
-    for col in ("final", "best", "steps_to_target", "time_to_target_s", "mean_step_s"):
+    for col in ("final", "best", "steps_to_target", "epochs_to_target", "time_to_target_s",
+                "mean_step_s"):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
@@ -113,7 +115,27 @@ def welch_p(a: pd.Series, b: pd.Series) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def summary_table(df: pd.DataFrame) -> pd.DataFrame:
+def load_published(folder: Path | None = None) -> pd.DataFrame:
+    """Published numbers (``results/published/*.csv``) to print beside ours."""
+    folder = folder or records.REPO_ROOT / "results" / "published"
+    frames = [pd.read_csv(p) for p in sorted(Path(folder).glob("*.csv"))]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def published_for(task: str, optimizer: str, published: pd.DataFrame) -> str:
+    """'value metric (status; source)' entries for a task label 'name/dataset/flavor'."""
+    if published.empty:
+        return ""
+    name, dataset, flavor = (task.split("/") + ["", "", ""])[:3]
+    if flavor == "tiny":
+        return ""  # the papers' numbers are for the full problems
+    m = published[(published["task"] == name) & (published["dataset"] == dataset)
+                  & (published["optimizer"] == optimizer)]
+    return "; ".join(f"{r.value:g} {r.metric} ({r.status}; {r.source})" for r in m.itertuples())
+
+
+def summary_table(df: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
+    published = load_published() if published is None else published
     out = []
     for task, tdf in df.groupby("task", sort=True):
         mode = tdf["mode"].iloc[0]
@@ -129,6 +151,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
             reached = g["steps_to_target"].notna()
             sm, ss, sn = _mean_std(g.loc[reached, "steps_to_target"])
             tm, ts, tn = _mean_std(g.loc[reached, "time_to_target_s"])
+            em, es, en = _mean_std(g.loc[reached, "epochs_to_target"]) if "epochs_to_target" in g else (math.nan, math.nan, 0)
             step = float(g["mean_step_s"].mean())
             row = {
                 "task": task,
@@ -141,6 +164,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
                 "best": _fmt(bm, bs, bn),
                 "reached": f"{int(reached.sum())}/{len(g)}",
                 "steps_to_target": _fmt(sm, ss, sn),
+                "epochs_to_target": _fmt(em, es, en, 3),
                 "time_to_target_s": _fmt(tm, ts, tn, 3),
                 "step_ms": round(step * 1000, 2) if not math.isnan(step) else math.nan,
             }
@@ -151,6 +175,9 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
                 row["p_vs_" + "best_baseline"] = welch_p(
                     g["final"], tdf.loc[tdf["label"] == ref_label, "final"]
                 )
+            paper = published_for(task, g["optimizer"].iloc[0], published)
+            if paper:
+                row["paper"] = paper
             row["_final_mean"] = fm
             out.append(row)
     table = pd.DataFrame(out)

@@ -93,7 +93,19 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         print(summary, file=sys.stderr)
     if record["status"] == "preempted" and not multirun:
         sys.exit(3)
-    return record
+    return objective(cfg, record)
+
+
+def objective(cfg: DictConfig, record: dict[str, Any]) -> float:
+    """The number a sweeper optimizes: the best value of ``objective_metric`` (default: the
+    target metric); +inf (or -inf for a maximized metric) when the run diverged."""
+    metric = cfg.get("objective_metric") or record["target"]["metric"]
+    mode = record["target"]["mode"] if metric == record["target"]["metric"] else "min"
+    worst = float("inf") if mode == "min" else float("-inf")
+    if record["status"] != "completed":
+        return worst
+    value = record["best_metrics"].get(metric)
+    return worst if value is None else float(value)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -121,3 +121,15 @@ def test_report_cli_on_real_runs_and_wandb_mirror(ngbench, tmp_path):
     assert p.returncode == 2 and "does not exist" in p.stdout
     rec = json.loads((run / "record.json").read_text())
     assert rec["status"] == "completed"
+
+
+def test_paper_numbers_printed_beside_ours_for_full_runs_only():
+    pub = pd.DataFrame([{"task": "resnet", "dataset": "imagenet", "optimizer": "ngplus",
+                         "metric": "epochs_to_target", "value": 40, "status": "verified",
+                         "source": "NG+ README"}])
+    assert report.published_for("resnet/imagenet/full", "ngplus", pub) == (
+        "40 epochs_to_target (verified; NG+ README)")
+    assert report.published_for("resnet/imagenet/tiny", "ngplus", pub) == ""
+    assert report.published_for("resnet/imagenet/full", "sgd", pub) == ""
+    shipped = report.load_published()
+    assert {"task", "dataset", "optimizer", "metric", "value", "source", "status"} <= set(shipped)
