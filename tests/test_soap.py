@@ -1,0 +1,112 @@
+"""SOAP (ALGORITHMS.md §7.4, §7.5 #4): with the basis frozen to I it is AdamW step for step."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+import optimizers.soap as soap_mod
+from optimizers import OptimizerConfigError, build_optimizer, get_spec
+from optimizers.soap import SOAP
+
+DT = torch.float64
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "optimizer" / "soap.yaml"
+
+
+def _grads(shape, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=DT) for _ in range(n)]
+
+
+def _run(opt, p, grads):
+    out = []
+    for g in grads:
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        out.append(p.detach() - before)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 2), (5,)])
+def test_identity_basis_equals_adamw(monkeypatch, shape):
+    monkeypatch.setattr(soap_mod, "_eigenbasis", lambda gg: torch.eye(gg.shape[0], dtype=gg.dtype))
+    monkeypatch.setattr(soap_mod, "_refresh_basis", lambda gg, q, v, dim: (q, v))
+    grads = _grads(shape, 6)
+    p = nn.Parameter(torch.randn(*shape, dtype=DT))
+    q = nn.Parameter(p.detach().clone())
+    opt = SOAP(
+        [p],
+        lr=0.1,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.1,
+        precondition_frequency=2,
+        precondition_1d=True,
+    )
+    adamw = torch.optim.AdamW([q], lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    got = _run(opt, p, grads)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))  # first call builds the basis only
+    for a, b in zip(got[1:], _run(adamw, q, grads[1:]), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_real_basis_rotates_and_refreshes():
+    p = nn.Parameter(torch.randn(4, 3, dtype=DT))
+    opt = SOAP([p], lr=0.1, precondition_frequency=2)
+    grads = _grads((4, 3), 5)
+    p.grad = grads[0]
+    opt.step()
+    st = opt.state[p]
+    gg0 = grads[0] @ grads[0].T * (1 - 0.95)
+    torch.testing.assert_close(st["GG"][0], gg0)
+    lam = torch.linalg.eigvalsh(gg0).flip(0)
+    torch.testing.assert_close(torch.diagonal(st["Q"][0].T @ gg0 @ st["Q"][0]), lam)
+    q0 = st["Q"][0].clone()
+    for g in grads[1:3]:
+        p.grad = g
+        opt.step()
+    assert not torch.allclose(st["Q"][0].abs(), q0.abs())  # refreshed at step 2
+    for q in st["Q"]:
+        torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0], dtype=DT))
+
+
+def test_contracts_state_dict_and_bad_inputs():
+    spec = get_spec("soap")
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    assert set(cfg) - {"name"} == set(spec.hparams)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    opt = build_optimizer(cfg, model, precondition_frequency=2)
+    x = torch.randn(6, 3, dtype=DT)
+
+    def train(m, o, n):
+        for _ in range(n):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+
+    train(model, opt, 3)
+    model2 = copy.deepcopy(model)
+    opt2 = build_optimizer(cfg, model2, precondition_frequency=2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 3)
+    train(model2, opt2, 3)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert opt.memory_usage()["factors"] > 0 and opt.phase_times()["inverse"] > 0
+    for key, value in [
+        ("eps", 0.0),
+        ("beta2", 1.0),
+        ("precondition_frequency", 0),
+        ("max_precond_dim", 0),
+        ("shampoo_beta", 1.0),
+    ]:
+        with pytest.raises(OptimizerConfigError, match=f"optimizer.{key} must be"):
+            build_optimizer("soap", model, **{key: value})
