@@ -127,8 +127,8 @@ def train_spm(
     input_sentence_size: int = 2_000_000,
     character_coverage: float = 1.0,
 ) -> Path:
-    """Train a joined (en + de) sentencepiece model (``model_type`` unigram or bpe) on
-    ``train.*``; written atomically."""
+    """Train a joined (en + de) sentencepiece model (``model_type`` unigram or bpe) of at most
+    ``vocab_size`` pieces on ``train.*``; written atomically."""
     import sentencepiece as spm
 
     model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +142,7 @@ def train_spm(
             character_coverage=character_coverage,
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
+            hard_vocab_limit=False,  # a small corpus may yield fewer pieces than asked for
             pad_id=PAD,
             unk_id=UNK,
             bos_id=BOS,

@@ -440,3 +440,11 @@ def test_extension_api_example():
     expect = W0 - V / ((abar**2).mean(0) + 0.1)
     torch.testing.assert_close(LinearHelper("", lin).weight_matrix(), expect)
     assert opt.memory_usage()["Ainv"] == 4 * 8
+
+
+def test_blocked_gram_matches_dense_product():
+    from optimizers._kronecker import _gram
+
+    xt = torch.randn(301, 50, dtype=DT)
+    torch.testing.assert_close(_gram(xt), xt @ xt.T)
+    torch.testing.assert_close(_gram(xt[:20]), xt[:20] @ xt[:20].T)

@@ -1,0 +1,203 @@
+"""The reusable ``A ⊗ G`` block (Martens & Grosse 2015; KFC, Grosse & Martens 2016).
+
+Statistics (canonical normalisation, ALGORITHMS.md §1.2), per layer and statistic step::
+
+    A = 1/(N·T) Σ ā āᵀ   (n × n; a vector of token frequencies for an embedding)
+    G = 1/(N·T) Σ g gᵀ   (m × m; g = per-example output gradient)
+    T = locations per example (conv output pixels; 1 for a plain Linear)
+
+so that ``F ≈ T · A ⊗ G`` (row-major: ``torch.kron(G, A)``).  Damping forms (§0.5, chosen
+explicitly with ``damping_form``):
+
+* ``eigen`` — exact Tikhonov on the product, ``(T·A⊗G + λI)⁻¹``:
+  ``P = Q_G [(Q_Gᵀ V Q_A) ⊘ (T·d_G d_Aᵀ + λ)] Q_Aᵀ``;
+* ``factored_tikhonov`` — ``(1/T)(G + γ/π I)⁻¹ V (A + πγ I)⁻¹``, ``γ = sqrt(λ/T)``,
+  ``π = sqrt((tr A / n) / (tr G / m))`` (``pi_correction=False``: π = 1, the
+  ``A + √λ I``, ``G + √λ I`` form of the Goldfarb-group baseline);
+* ``inverse`` — kfac-pytorch's INVERSE form, the same ``λ/T`` added to both factors:
+  ``(1/T)(G + λ/T I)⁻¹ V (A + λ/T I)⁻¹``.
+
+Everything needed per step is precomputed at refresh time, so :meth:`precondition` is two
+(inverse forms) or four (eigen) matrix products.  ``tensors`` holds ``A``, ``G``, ``T`` and, after a
+refresh, ``dA, QA, dG, QG, scale`` (eigen) or ``Ainv, Ginv`` (inverse forms); for an embedding
+``A``/``dA``/``Ainv`` are vectors and there is no ``QA``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._layers import LayerHelper
+from ._linalg import safe_eigh, safe_inv
+from .base import CurvatureBlock
+
+__all__ = ["DAMPING_FORMS", "KroneckerBlock"]
+
+DAMPING_FORMS = ("eigen", "factored_tikhonov", "inverse")
+
+_DERIVED = ("dA", "QA", "dG", "QG", "scale", "Ainv", "Ginv")
+
+
+class KroneckerBlock(CurvatureBlock):
+    """K-FAC block ``T · A ⊗ G`` with the damping form of ALGORITHMS.md §0.5."""
+
+    def __init__(
+        self, layer: LayerHelper, *, damping_form: str = "eigen", pi_correction: bool = True
+    ) -> None:
+        if damping_form not in DAMPING_FORMS:
+            raise ValueError(
+                f"optimizer.damping_form must be one of {', '.join(DAMPING_FORMS)}, "
+                f"got {damping_form!r}"
+            )
+        super().__init__(layer)
+        self.damping_form = damping_form
+        self.pi_correction = bool(pi_correction)
+        self.diagonal = layer.diagonal_input
+        self.m = layer.out_dim
+        self.n = layer.in_dim
+
+    # -- statistics ---------------------------------------------------------------
+    homogeneous_input = False  # the bias column of A is built from row sums (no copy)
+
+    def update_stats(self, a: Tensor, g: Tensor) -> None:
+        gt = _columns(g, self.dtype)
+        rows = gt.shape[1]
+        self.accumulate("G", _gram(gt), rows=rows, examples=g.shape[0])
+        if self.diagonal:
+            counts = torch.bincount(a.reshape(-1), minlength=self.n)
+            self.accumulate("A", counts.to(self.dtype))
+            return
+        xt = _columns(a, self.dtype)
+        a0 = _gram(xt)
+        if self.layer.has_bias:
+            s = xt.sum(1)
+            full = a0.new_empty(self.n, self.n)
+            full[:-1, :-1] = a0
+            full[:-1, -1] = s
+            full[-1, :-1] = s
+            full[-1, -1] = rows
+            a0 = full
+        self.accumulate("A", a0)
+
+    def commit_stats(self, decay: float) -> None:
+        sums, rows, examples = self.take_pending()
+        self.ema("A", sums["A"] / rows, decay)
+        self.ema("G", sums["G"] / rows, decay)
+        t = torch.tensor(rows / max(examples, 1), dtype=self.dtype, device=self.device)
+        self.ema("T", t, decay)
+
+    # -- refresh --------------------------------------------------------------------
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        """Running ``(A, G, T)``."""
+        return self.tensors["A"], self.tensors["G"], float(self.tensors["T"])
+
+    def refresh(self, damping: float) -> bool:
+        if "A" not in self.tensors:
+            return True
+        A, G, T = self.factors()
+        if self.damping_form == "eigen":
+            new = self._refresh_eigen(A, G, T, damping)
+        else:
+            new = self._refresh_inverse(A, G, T, damping)
+        if new is None:
+            return False
+        for k in _DERIVED:
+            self.tensors.pop(k, None)
+        self.tensors.update(new)
+        self.ready = True
+        return True
+
+    def _refresh_eigen(self, A: Tensor, G: Tensor, T: float, damping: float) -> dict | None:
+        eg = safe_eigh(G)
+        if eg is None:
+            return None
+        dG, QG = eg
+        out = {"dG": dG, "QG": QG}
+        if self.diagonal:
+            dA = A.clamp_min(0)
+        else:
+            ea = safe_eigh(A)
+            if ea is None:
+                return None
+            dA, out["QA"] = ea
+        out["dA"] = dA
+        out["scale"] = 1.0 / (T * torch.outer(dG, dA) + damping)
+        return out
+
+    def _refresh_inverse(self, A: Tensor, G: Tensor, T: float, damping: float) -> dict | None:
+        lam = damping / T
+        if self.damping_form == "factored_tikhonov":
+            gamma = math.sqrt(lam)
+            pi = 1.0
+            if self.pi_correction:
+                tr_a = float(A.sum() if self.diagonal else A.diagonal().sum()) / self.n
+                tr_g = float(G.diagonal().sum()) / self.m
+                if tr_a > 0 and tr_g > 0 and math.isfinite(tr_a / tr_g):
+                    pi = math.sqrt(tr_a / tr_g)
+            a_shift, g_shift = pi * gamma, gamma / pi
+        else:
+            a_shift = g_shift = lam
+        eye_m = torch.eye(self.m, dtype=G.dtype, device=G.device)
+        g_inv = safe_inv(G + g_shift * eye_m)
+        if g_inv is None:
+            return None
+        if self.diagonal:
+            a_inv = 1.0 / (A + a_shift)
+        else:
+            eye_n = torch.eye(self.n, dtype=A.dtype, device=A.device)
+            a_inv = safe_inv(A + a_shift * eye_n)
+            if a_inv is None:
+                return None
+        return {"Ainv": a_inv, "Ginv": g_inv / T}
+
+    # -- precondition -----------------------------------------------------------------
+    def precondition(self, grad: Tensor) -> Tensor:
+        t = self.tensors
+        if self.damping_form == "eigen":
+            qg = t["QG"]
+            if self.diagonal:
+                return qg @ ((qg.t() @ grad) * t["scale"])
+            qa = t["QA"]
+            return qg @ ((qg.t() @ grad @ qa) * t["scale"]) @ qa.t()
+        if self.diagonal:
+            return (t["Ginv"] @ grad) * t["Ainv"]
+        return t["Ginv"] @ grad @ t["Ainv"]
+
+    def damped_dense(self, damping: float) -> Tensor:
+        """The damped curvature matrix this block inverts, row-major ``(m·n)²`` (tests only)."""
+        A, G, T = self.factors()
+        if self.diagonal:
+            A = torch.diag(A)
+        eye = torch.eye(self.m * self.n, dtype=A.dtype, device=A.device)
+        if self.damping_form == "eigen":
+            return T * torch.kron(G, A) + damping * eye
+        inv_g = self.tensors["Ginv"] * T
+        inv_a = self.tensors["Ainv"]
+        if self.diagonal:
+            inv_a = torch.diag(inv_a)
+        return T * torch.kron(torch.linalg.inv(inv_g), torch.linalg.inv(inv_a))
+
+
+def _columns(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(N, T, k)`` rows -> ``(k, N·T)`` columns in ``dtype`` (one copy at most)."""
+    k = x.shape[-1]
+    return x.permute(2, 0, 1).reshape(k, -1).to(dtype)
+
+
+def _gram(xt: Tensor, *, split: int = 256) -> Tensor:
+    """``xt @ xt.T``; for ``k >= split`` only the lower blocks are multiplied (3/4 the flops)."""
+    k = xt.shape[0]
+    if k < split:
+        return xt @ xt.t()
+    h = k // 2
+    top, bot = xt[:h], xt[h:]
+    out = xt.new_empty(k, k)
+    out[:h, :h] = top @ top.t()
+    low = bot @ top.t()
+    out[h:, :h] = low
+    out[:h, h:] = low.t()
+    out[h:, h:] = bot @ bot.t()
+    return out

@@ -1,0 +1,299 @@
+"""Per-layer helpers for Kronecker-factored curvature (K-FAC family).
+
+Each helper knows one module type and turns what the hooks capture into the quantities of
+ALGORITHMS.md §0.1 (Martens & Grosse 2015, "Optimizing Neural Networks with Kronecker-factored
+Approximate Curvature"; Grosse & Martens 2016, "A Kronecker-factored approximate Fisher matrix
+for convolution layers"):
+
+* ``input_rows(a)`` -> ``(N, T, n)`` homogeneous inputs ``ā`` (bias column last); for an
+  ``nn.Embedding`` the integer token ids ``(N, T)`` instead (its ``A`` is diagonal),
+* ``output_rows(g)`` -> ``(N, T, m)`` per-example output gradients (hook value × N, or × N·R
+  with ``loss_average="tokens"``),
+* ``grad_matrix()`` -> the ``m × n`` gradient ``[∇W | ∇b]`` (row-major, bias column last) and
+  ``set_grad(P)`` to write a preconditioned matrix back into ``weight.grad`` / ``bias.grad``.
+
+``T`` is the number of locations per example that share the weight (conv output pixels, or the
+tokens of a sequence with ``loss_average="batch"``); with ``loss_average="tokens"`` every token is
+its own example and ``T == 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LOSS_AVERAGES",
+    "LayerHelper",
+    "LinearHelper",
+    "Conv2dHelper",
+    "EmbeddingHelper",
+    "UnsupportedLayerError",
+    "make_helper",
+    "unsupported_reason",
+]
+
+LOSS_AVERAGES = ("batch", "tokens")
+
+
+class UnsupportedLayerError(ValueError):
+    """The module type (or configuration, e.g. grouped conv) has no curvature helper."""
+
+
+class LayerHelper:
+    """Base class: one registered module with weight ``W`` (m × n in the homogeneous layout)."""
+
+    kind = "layer"
+    #: ``True`` when ``A`` is diagonal (embedding): ``input_rows`` returns indices
+    diagonal_input = False
+
+    def __init__(self, name: str, module: nn.Module, *, loss_average: str = "batch") -> None:
+        if loss_average not in LOSS_AVERAGES:
+            raise ValueError(
+                f"optimizer.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
+                f"got {loss_average!r}"
+            )
+        self.name = name
+        self.module = module
+        self.loss_average = loss_average
+        self.weight: nn.Parameter = module.weight
+        self.bias: nn.Parameter | None = getattr(module, "bias", None)
+        self.has_bias = self.bias is not None
+
+    # -- shapes ---------------------------------------------------------------
+    @property
+    def out_dim(self) -> int:
+        """m: rows of the gradient matrix."""
+        raise NotImplementedError
+
+    @property
+    def in_dim(self) -> int:
+        """n: columns of the gradient matrix (bias column included)."""
+        raise NotImplementedError
+
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    # -- captured tensors -----------------------------------------------------
+    def input_rows(self, a: Tensor, *, homogeneous: bool = True) -> Tensor:
+        """``(N, T, n)`` homogeneous input (a new tensor, safe against later in-place ops).
+
+        ``homogeneous=False`` leaves out the bias column: ``(N, T, n - 1)`` for a layer with a
+        bias (possibly a non-contiguous view of a new tensor; cheaper for large conv inputs).
+        """
+        raise NotImplementedError
+
+    def output_rows(self, g: Tensor, *, scaled: bool = True) -> Tensor:
+        """``(N, T, m)`` output gradients; ``scaled`` multiplies by :meth:`grad_multiplier`."""
+        raise NotImplementedError
+
+    def grad_multiplier(self, g: Tensor) -> float:
+        """Hook value -> per-example gradient: N (``batch``) or N·R (``tokens``)."""
+        if self.loss_average == "tokens":
+            return float(g.numel() // g.shape[-1]) if g.dim() > 1 else 1.0
+        return float(g.shape[0])
+
+    # -- gradients ------------------------------------------------------------
+    def grad_matrix(self) -> Tensor | None:
+        """``[∇W | ∇b]`` as an ``m × n`` matrix, or ``None`` when the weight has no grad."""
+        gw = self.weight.grad
+        if gw is None:
+            return None
+        gw = self._weight_to_matrix(gw)
+        if self.bias is None:
+            return gw
+        gb = self.bias.grad
+        gb = torch.zeros_like(self.bias) if gb is None else gb
+        return torch.cat([gw, gb.unsqueeze(1)], dim=1)
+
+    def set_grad(self, mat: Tensor) -> None:
+        """Write an ``m × n`` matrix back into ``weight.grad`` (and ``bias.grad``)."""
+        w = mat[:, :-1] if self.bias is not None else mat
+        self.weight.grad = self._matrix_to_weight(w).to(self.weight.dtype).contiguous()
+        if self.bias is not None:
+            self.bias.grad = mat[:, -1].to(self.bias.dtype).contiguous()
+
+    def weight_matrix(self) -> Tensor:
+        """Current ``[W | b]`` (m × n), e.g. for dense test references."""
+        w = self._weight_to_matrix(self.weight.detach())
+        if self.bias is None:
+            return w
+        return torch.cat([w, self.bias.detach().unsqueeze(1)], dim=1)
+
+    def _weight_to_matrix(self, w: Tensor) -> Tensor:
+        return w.reshape(w.shape[0], -1)
+
+    def _matrix_to_weight(self, mat: Tensor) -> Tensor:
+        return mat.reshape(self.weight.shape)
+
+    @staticmethod
+    def _append_ones(x: Tensor) -> Tensor:
+        ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+        return torch.cat([x, ones], dim=-1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, m={self.out_dim}, n={self.in_dim})"
+
+
+class LinearHelper(LayerHelper):
+    """``nn.Linear`` on ``(N, d)`` or ``(N, ..., d)`` inputs (extra dims are locations/tokens)."""
+
+    kind = "linear"
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.out_features
+
+    @property
+    def in_dim(self) -> int:
+        return self.module.in_features + int(self.has_bias)
+
+    def _rows(self, x: Tensor) -> Tensor:
+        if x.dim() == 1:
+            return x.reshape(1, 1, -1)
+        if x.dim() == 2:
+            return x.unsqueeze(1)
+        if self.loss_average == "tokens":
+            return x.reshape(-1, 1, x.shape[-1])
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def input_rows(self, a: Tensor, *, homogeneous: bool = True) -> Tensor:
+        a = self._rows(a.detach())
+        return self._append_ones(a) if self.has_bias and homogeneous else a.clone()
+
+    def output_rows(self, g: Tensor, *, scaled: bool = True) -> Tensor:
+        rows = self._rows(g.detach())
+        return rows * self.grad_multiplier(g) if scaled else rows
+
+
+class Conv2dHelper(LayerHelper):
+    """``nn.Conv2d`` (stride, padding incl. ``'same'`` and non-zero modes, dilation) via unfold.
+
+    ``groups > 1`` is not supported (see :func:`unsupported_reason`).
+    """
+
+    kind = "conv2d"
+
+    def __init__(self, name: str, module: nn.Conv2d, *, loss_average: str = "batch") -> None:
+        super().__init__(name, module, loss_average=loss_average)
+        m = module
+        self._explicit_pad = isinstance(m.padding, str) or m.padding_mode != "zeros"
+        self._pad = getattr(m, "_reversed_padding_repeated_twice", None)
+        if self._explicit_pad and self._pad is None:  # pragma: no cover - torch internals moved
+            raise UnsupportedLayerError(f"{name}: cannot determine the padding of {m}")
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.out_channels
+
+    @property
+    def in_dim(self) -> int:
+        m = self.module
+        return m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(self.has_bias)
+
+    def patches(self, a: Tensor) -> Tensor:
+        """``(N, C_in·kh·kw, T)`` patches (columns in ``weight.view(C_out, -1)`` order)."""
+        m = self.module
+        if a.dim() == 3:
+            a = a.unsqueeze(0)
+        if self._explicit_pad:
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            a = F.pad(a, self._pad, mode=mode)
+            padding = 0
+        else:
+            padding = m.padding
+        return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+
+    def input_rows(self, a: Tensor, *, homogeneous: bool = True) -> Tensor:
+        p = self.patches(a.detach()).transpose(1, 2)  # (N, T, C k k), a view
+        return self._append_ones(p) if self.has_bias and homogeneous else p
+
+    def output_rows(self, g: Tensor, *, scaled: bool = True) -> Tensor:
+        g = g.detach()
+        if g.dim() == 3:
+            g = g.unsqueeze(0)
+        rows = g.flatten(2).transpose(1, 2)  # (N, T, C_out)
+        return rows * float(g.shape[0]) if scaled else rows
+
+    def grad_multiplier(self, g: Tensor) -> float:
+        return float(g.shape[0]) if g.dim() == 4 else 1.0
+
+
+class EmbeddingHelper(LayerHelper):
+    """``nn.Embedding`` as a Linear layer on one-hot inputs: ``A`` is diagonal (token counts).
+
+    PyTorch stores the weight as ``V × d``; the gradient matrix here is its transpose
+    (``m = d`` rows, ``n = V`` columns), the Linear convention.  There is no bias.
+    ``input_rows`` returns the token ids ``(N, T)`` (long) instead of one-hot rows.
+    """
+
+    kind = "embedding"
+    diagonal_input = True
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.embedding_dim
+
+    @property
+    def in_dim(self) -> int:
+        return self.module.num_embeddings
+
+    def input_rows(self, a: Tensor, *, homogeneous: bool = True) -> Tensor:
+        idx = a.detach()
+        if idx.dim() == 0:
+            return idx.reshape(1, 1)
+        if idx.dim() == 1:
+            return idx.unsqueeze(1).clone()
+        if self.loss_average == "tokens":
+            return idx.reshape(-1, 1).clone()
+        return idx.reshape(idx.shape[0], -1).clone()
+
+    def output_rows(self, g: Tensor, *, scaled: bool = True) -> Tensor:
+        g = g.detach()
+        if g.dim() == 1:
+            rows = g.reshape(1, 1, -1)
+        elif g.dim() == 2:
+            rows = g.unsqueeze(1)
+        elif self.loss_average == "tokens":
+            rows = g.reshape(-1, 1, g.shape[-1])
+        else:
+            rows = g.reshape(g.shape[0], -1, g.shape[-1])
+        return rows * self.grad_multiplier(g) if scaled else rows
+
+    def one_hot_rows(self, idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Dense ``(N, T, V)`` one-hot inputs (tests and small vocabularies only)."""
+        return F.one_hot(idx, self.in_dim).to(dtype)
+
+    def _weight_to_matrix(self, w: Tensor) -> Tensor:
+        return w.t()
+
+    def _matrix_to_weight(self, mat: Tensor) -> Tensor:
+        return mat.t()
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """``None`` when :func:`make_helper` supports ``module``, else why not."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups} (grouped/depthwise) is not supported"
+        return None
+    if isinstance(module, nn.Embedding):
+        if module.sparse:
+            return "Embedding(sparse=True) is not supported (dense gradients needed)"
+        return None
+    return f"{type(module).__name__} has no curvature helper (Linear, Conv2d, Embedding only)"
+
+
+def make_helper(name: str, module: nn.Module, *, loss_average: str = "batch") -> LayerHelper:
+    """The helper for ``module``; raises :class:`UnsupportedLayerError` with the reason."""
+    reason = unsupported_reason(module)
+    if reason is not None:
+        raise UnsupportedLayerError(f"layer {name!r}: {reason}")
+    if isinstance(module, nn.Conv2d):
+        return Conv2dHelper(name, module, loss_average=loss_average)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingHelper(name, module, loss_average=loss_average)
+    return LinearHelper(name, module, loss_average=loss_average)

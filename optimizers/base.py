@@ -1,0 +1,682 @@
+"""Shared curvature core for the K-FAC family (K-FAC, EKFAC, TKFAC/TEKFAC, NG+, MBF, SNGD).
+
+Block-diagonal (per-layer) natural-gradient methods in the sense of Martens & Grosse 2015
+("Optimizing Neural Networks with Kronecker-factored Approximate Curvature") all follow one
+skeleton (ALGORITHMS.md §0.3b): hooks capture each layer's input ``a`` and output gradient ``g``
+on *statistic steps*; a per-layer **block** turns them into curvature statistics, refreshes an
+inverse / eigendecomposition on *inverse steps*, and preconditions the layer's gradient matrix on
+every step; a shared optimizer applies KL clipping and an SGD step (momentum + weight decay on the
+preconditioned direction, the "preconditioner + SGD" pattern of §0.6).  Layers without a block
+(norms, skipped or unsupported layers, stray parameters) get the plain SGD direction.
+
+Extension API
+-------------
+A method is a :class:`CurvatureBlock` subclass plus a small :class:`CurvatureOptimizer` subclass
+whose :meth:`~CurvatureOptimizer.make_block` returns it.  The base class owns hooks, schedules,
+timers, KL clip, the SGD step, ``state_dict`` and ``memory_usage``.
+
+Block contract (all tensors in ``self.dtype`` = at least float32, on the layer's device):
+
+* ``update_stats(a, g)`` — called during backward on statistic steps, once per captured forward
+  call.  ``a`` is ``layer.input_rows(...)``: ``(N, T, n)`` homogeneous inputs (bias column last),
+  or ``(N, T)`` token ids when ``layer.diagonal_input`` (embedding); a block with
+  ``homogeneous_input = False`` gets ``(N, T, n-1)`` rows without the bias column (a
+  possibly non-contiguous view) and adds the constant-1 column itself; ``g`` is ``(N, T, m)``
+  per-example output gradients (already × N, or × N·R with ``loss_average="tokens"``).
+  Accumulate *batch* statistics with :meth:`CurvatureBlock.accumulate`.
+* ``commit_stats(decay)`` — once per statistic step, in ``step()``: fold the accumulated batch
+  statistics (:meth:`CurvatureBlock.take_pending`) into running estimates with
+  :meth:`CurvatureBlock.ema` (``decay`` = weight of the OLD value; the first value is the batch
+  value).
+* ``refresh(damping) -> bool`` — on inverse steps (and the first time statistics exist):
+  recompute decompositions; set ``self.ready = True``; return ``False`` on a numerical failure
+  (keep the old state — the optimizer warns once).  Use :func:`optimizers._linalg.safe_eigh` /
+  ``safe_inv``.
+* ``precondition(grad) -> Tensor`` — every step when ``self.ready``: ``m × n`` in, ``m × n`` out
+  (``grad = layer.grad_matrix()``; the optimizer writes the result back with KL clip).
+* Everything persistent goes in the dict ``self.tensors`` (saved by ``state_dict``, counted by
+  ``memory_usage``); python scalars in ``self.meta``.
+
+Example (a diagonal-of-A toy method)::
+
+    class DiagABlock(CurvatureBlock):
+        def update_stats(self, a, g):
+            rows = a.reshape(-1, a.shape[-1]).to(self.dtype)
+            self.accumulate("A", (rows * rows).sum(0), rows=rows.shape[0])
+
+        def commit_stats(self, decay):
+            sums, rows, _ = self.take_pending()
+            self.ema("A", sums["A"] / rows, decay)
+
+        def refresh(self, damping):
+            self.tensors["Ainv"] = 1.0 / (self.tensors["A"] + damping)
+            self.ready = True
+            return True
+
+        def precondition(self, grad):
+            return grad * self.tensors["Ainv"]
+
+    class DiagA(CurvatureOptimizer):
+        def make_block(self, layer):
+            return DiagABlock(layer)
+
+Subclasses that need extra options set them as attributes *before* calling
+``super().__init__`` (``make_block`` runs inside it).  :class:`optimizers._kronecker.KroneckerBlock`
+is the reusable ``A ⊗ G`` block (factors, eigen / factored-Tikhonov / inverse damping).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._layers import LOSS_AVERAGES, LayerHelper, make_helper, unsupported_reason
+from ._linalg import compute_dtype
+from .param_groups import split_decay_groups
+
+__all__ = [
+    "FISHER_TYPES",
+    "PHASES",
+    "CurvatureBlock",
+    "CurvatureOptimizer",
+    "Schedule",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``ef``: G from the training backward (empirical Fisher); ``mc``: from the sampled-label
+#: backward run inside :meth:`CurvatureOptimizer.sampled_backward` (true Fisher, MC estimate)
+FISHER_TYPES = ("ef", "mc")
+PHASES = ("statistics", "inverse", "precondition")
+
+#: a frequency: an int >= 1, or a callable ``step -> int >= 1`` (a schedule)
+Schedule = int | Callable[[int], int]
+
+
+def _check_positive(key: str, value: Any, *, strict: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or math.isnan(value) or (value <= 0 if strict else value < 0):
+        bound = "> 0" if strict else ">= 0"
+        raise ValueError(f"optimizer.{key} must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+def _check_schedule(key: str, value: Any) -> Schedule:
+    if callable(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"optimizer.{key} must be an int >= 1 or a callable step -> int, got {value!r}"
+        )
+    return value
+
+
+def _freq_at(key: str, sched: Schedule, step: int) -> int:
+    f = sched(step) if callable(sched) else sched
+    if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+        raise ValueError(f"optimizer.{key} schedule returned {f!r} at step {step}; need int >= 1")
+    return f
+
+
+def _as_names(key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    try:
+        names = list(value)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(v, str) for v in names):
+        raise ValueError(
+            f"optimizer.{key} must be a list of module names or classes, got {value!r}"
+        )
+    return names
+
+
+def _matches(pattern: str, name: str, module: nn.Module) -> bool:
+    return pattern == name or pattern == type(module).__name__ or fnmatch.fnmatchcase(name, pattern)
+
+
+class CurvatureBlock:
+    """Curvature state of one layer; subclass and implement the four methods below."""
+
+    #: ``False``: ``update_stats`` receives inputs without the bias column (``(N, T, n-1)``
+    #: for a layer with a bias) and handles the constant-1 column itself (saves a copy)
+    homogeneous_input = True
+
+    def __init__(self, layer: LayerHelper) -> None:
+        self.layer = layer
+        self.dtype = compute_dtype(layer.weight.dtype)
+        self.device = layer.weight.device
+        #: persistent tensors (saved in ``state_dict``, counted in ``memory_usage``)
+        self.tensors: dict[str, Tensor] = {}
+        #: persistent python scalars
+        self.meta: dict[str, Any] = {"ready": False}
+        self._pending: dict[str, Tensor] = {}
+        self._pending_rows = 0
+        self._pending_examples = 0
+
+    # -- to implement -----------------------------------------------------------
+    def update_stats(self, a: Tensor, g: Tensor) -> None:
+        raise NotImplementedError
+
+    def commit_stats(self, decay: float) -> None:
+        raise NotImplementedError
+
+    def refresh(self, damping: float) -> bool:
+        raise NotImplementedError
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- helpers ----------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """``True`` once :meth:`precondition` may be called."""
+        return bool(self.meta.get("ready", False))
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self.meta["ready"] = bool(value)
+
+    @property
+    def has_stats(self) -> bool:
+        """Running statistics exist (at least one :meth:`commit_stats`)."""
+        return bool(self.meta.get("commits", 0))
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending_rows > 0
+
+    def accumulate(self, key: str, value: Tensor, *, rows: int = 0, examples: int = 0) -> None:
+        """Add ``value`` to the pending batch sum ``key``; count ``rows``/``examples`` once per
+        captured call (pass them with one of the keys only)."""
+        cur = self._pending.get(key)
+        self._pending[key] = value if cur is None else cur + value
+        self._pending_rows += rows
+        self._pending_examples += examples
+
+    def pending_tensors(self) -> list[Tensor]:
+        """Pending batch sums (a distributed wrapper all-reduces these before commit)."""
+        return list(self._pending.values())
+
+    def take_pending(self) -> tuple[dict[str, Tensor], int, int]:
+        """``(sums, rows, examples)`` accumulated since the last commit; clears them."""
+        out = (self._pending, self._pending_rows, self._pending_examples)
+        self._pending, self._pending_rows, self._pending_examples = {}, 0, 0
+        self.meta["commits"] = int(self.meta.get("commits", 0)) + 1
+        return out
+
+    def discard_pending(self) -> None:
+        self._pending, self._pending_rows, self._pending_examples = {}, 0, 0
+
+    def ema(self, key: str, value: Tensor, decay: float) -> Tensor:
+        """``X <- decay·X + (1-decay)·value`` (first call: ``X = value``)."""
+        cur = self.tensors.get(key)
+        if cur is None:
+            self.tensors[key] = value.to(self.dtype).clone()
+        else:
+            cur.mul_(decay).add_(value.to(self.dtype), alpha=1.0 - decay)
+        return self.tensors[key]
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {k: t.numel() * t.element_size() for k, t in self.tensors.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tensors": {k: t.detach().clone() for k, t in self.tensors.items()},
+            "meta": dict(self.meta),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tensors = {
+            k: t.detach()
+            .to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+            .clone()
+            for k, t in state["tensors"].items()
+        }
+        self.meta = dict(state["meta"])
+        self.discard_pending()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.layer!r})"
+
+
+class _Capture:
+    """One forward call of a registered layer on a statistic step."""
+
+    __slots__ = ("a", "used", "fallback")
+
+    def __init__(self, a: Tensor) -> None:
+        self.a: Tensor | None = a
+        self.used = False
+        self.fallback: Tensor | None = None
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """Shared optimizer for per-layer curvature blocks (see the module docstring).
+
+    Keyword arguments (all validated; a bad value raises ``ValueError`` naming the key):
+    ``lr``, ``momentum``, ``nesterov``, ``weight_decay`` (SGD on the preconditioned direction;
+    no decay on biases and norms), ``damping`` (> 0, per param group: a schedule may change
+    ``group["damping"]``; it takes effect at the next refresh), ``stat_every`` / ``inv_every``
+    (int >= 1 or ``callable(step) -> int``: statistics on steps ``k % stat_every == 0``,
+    refresh on ``k % inv_every == 0``), ``stat_decay`` (EMA weight of the OLD value, in [0, 1)),
+    ``kl_clip`` (``None`` or κ > 0, §0.7), ``fisher`` (``ef`` | ``mc``), ``loss_average``
+    (``batch`` | ``tokens``), ``skip_layers`` (module names, globs or class names),
+    ``layers`` (``None`` = every supported layer; else only these, and an unsupported one is an
+    error).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        damping: float = 1e-2,
+        stat_every: Schedule = 10,
+        inv_every: Schedule = 100,
+        stat_decay: float = 0.95,
+        kl_clip: float | None = 1e-2,
+        fisher: str = "ef",
+        loss_average: str = "batch",
+        skip_layers: Sequence[str] | None = None,
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"a curvature optimizer needs the model (nn.Module), got {model!r}")
+        _check_positive("lr", lr, strict=False)
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"optimizer.momentum must be in [0, 1), got {momentum!r}")
+        if nesterov and momentum <= 0:
+            raise ValueError("optimizer.nesterov=true needs optimizer.momentum > 0")
+        _check_positive("weight_decay", weight_decay, strict=False)
+        _check_positive("damping", damping)
+        if not isinstance(stat_decay, (int, float)) or not 0 <= stat_decay < 1:
+            raise ValueError(f"optimizer.stat_decay must be in [0, 1), got {stat_decay!r}")
+        if kl_clip is not None:
+            _check_positive("kl_clip", kl_clip)
+        if fisher not in FISHER_TYPES:
+            raise ValueError(
+                f"optimizer.fisher must be one of {', '.join(FISHER_TYPES)}, got {fisher!r}"
+            )
+        if loss_average not in LOSS_AVERAGES:
+            raise ValueError(
+                f"optimizer.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
+                f"got {loss_average!r}"
+            )
+        self.stat_every = _check_schedule("stat_every", stat_every)
+        self.inv_every = _check_schedule("inv_every", inv_every)
+        if isinstance(stat_every, int) and isinstance(inv_every, int) and inv_every % stat_every:
+            warnings.warn(
+                f"optimizer.inv_every={inv_every} is not a multiple of "
+                f"optimizer.stat_every={stat_every}",
+                stacklevel=2,
+            )
+        self.stat_decay = float(stat_decay)
+        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.fisher = fisher
+        self.loss_average = loss_average
+
+        groups = split_decay_groups(model, float(weight_decay))
+        defaults = dict(
+            lr=float(lr),
+            momentum=float(momentum),
+            nesterov=bool(nesterov),
+            weight_decay=float(weight_decay),
+            damping=float(damping),
+        )
+        super().__init__(groups, defaults)
+
+        self.model = model
+        self.layers: dict[str, LayerHelper] = self._discover(
+            model,
+            _as_names("skip_layers", skip_layers),
+            None if layers is None else _as_names("layers", layers),
+        )
+        self.blocks: dict[str, CurvatureBlock] = {
+            name: self.make_block(h) for name, h in self.layers.items()
+        }
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self._group_index = {n: group_of[id(h.weight)] for n, h in self.layers.items()}
+
+        self._step = 0
+        self._times = dict.fromkeys(PHASES, 0.0)
+        self._captures: dict[str, list[_Capture]] = {n: [] for n in self.layers}
+        self._sampling = False
+        self._warned: set[str] = set()
+        self.last_kl_scale = 1.0
+        self._handles = [
+            h.module.register_forward_hook(self._make_forward_hook(n))
+            for n, h in self.layers.items()
+        ]
+        self._capture_on = self.capture_step(0)
+
+    # ------------------------------------------------------------------ extension points
+    def make_block(self, layer: LayerHelper) -> CurvatureBlock:
+        """The curvature block of one layer (override in each method)."""
+        raise NotImplementedError
+
+    def is_stat_step(self, step: int) -> bool:
+        return step % _freq_at("stat_every", self.stat_every, step) == 0
+
+    def is_inv_step(self, step: int) -> bool:
+        return step % _freq_at("inv_every", self.inv_every, step) == 0
+
+    def capture_step(self, step: int) -> bool:
+        """Whether hooks capture ``(a, g)`` during the forward/backward of ``step``
+        (default: statistic steps; override e.g. for per-step scalings)."""
+        return self.is_stat_step(step)
+
+    # ------------------------------------------------------------------ layer discovery
+    def _discover(
+        self, model: nn.Module, skip: list[str], only: list[str] | None
+    ) -> dict[str, LayerHelper]:
+        found: dict[str, LayerHelper] = {}
+        skipped: list[str] = []
+        used_skip: set[str] = set()
+        used_only: set[str] = set()
+        for name, module in model.named_modules():
+            own = list(module.parameters(recurse=False))
+            if not own:
+                continue
+            label = name or "<root>"
+            hits = [s for s in skip if _matches(s, name, module)]
+            if hits:
+                used_skip.update(hits)
+                skipped.append(f"{label} (skip_layers)")
+                continue
+            if only is not None:
+                hits = [s for s in only if _matches(s, name, module)]
+                if not hits:
+                    skipped.append(f"{label} (not in layers)")
+                    continue
+                used_only.update(hits)
+            reason = unsupported_reason(module)
+            if reason is not None:
+                if only is not None:
+                    raise ValueError(f"optimizer.layers asks to precondition {label!r}: {reason}")
+                if isinstance(module, nn.Conv2d):
+                    warnings.warn(
+                        f"{label}: {reason}; it gets the plain SGD direction", stacklevel=3
+                    )
+                skipped.append(f"{label} ({type(module).__name__})")
+                continue
+            if not all(p.requires_grad for p in own):
+                skipped.append(f"{label} (frozen parameters)")
+                continue
+            found[name] = make_helper(name, module, loss_average=self.loss_average)
+        for key, names, used in (
+            ("skip_layers", skip, used_skip),
+            ("layers", only or [], used_only),
+        ):
+            missing = [s for s in names if s not in used]
+            if missing:
+                raise ValueError(
+                    f"optimizer.{key} entry {missing[0]!r} matches no module with parameters; "
+                    "use module names (model.named_modules()), globs or class names"
+                )
+        # a parameter shared by two layers (tied weights) cannot take two preconditioners
+        owner: dict[int, str] = {}
+        shared: set[str] = set()
+        for name, h in found.items():
+            for p in h.params():
+                if id(p) in owner:
+                    shared.update({name, owner[id(p)]})
+                owner[id(p)] = name
+        if shared:
+            warnings.warn(
+                f"layers {sorted(shared)} share parameters; they get the plain SGD direction",
+                stacklevel=3,
+            )
+            for name in shared:
+                found.pop(name)
+                skipped.append(f"{name or '<root>'} (shared parameters)")
+        covered = {id(p) for h in found.values() for p in h.params()}
+        stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        log.info(
+            "%s: preconditioning %d layers (%s); plain SGD direction for %d parameters%s",
+            type(self).__name__,
+            len(found),
+            ", ".join(n or "<root>" for n in found),
+            len(stray),
+            f" of {', '.join(skipped)}" if skipped else "",
+        )
+        self.skipped_layers = skipped
+        return found
+
+    # ------------------------------------------------------------------ hooks
+    def _make_forward_hook(self, name: str) -> Callable[..., None]:
+        layer = self.layers[name]
+        captures = self._captures[name]
+        homogeneous = self.blocks[name].homogeneous_input
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if not self._capture_on or not module.training:
+                return
+            if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+                return
+            t0 = time.perf_counter()
+            entry = _Capture(layer.input_rows(inputs[0], homogeneous=homogeneous))
+            captures.append(entry)
+            output.register_hook(lambda g: self._grad_hook(name, entry, g))
+            self._times["statistics"] += time.perf_counter() - t0
+
+        return hook
+
+    def _grad_hook(self, name: str, entry: _Capture, g: Tensor) -> None:
+        if entry.used or entry.a is None:
+            return
+        if self.fisher == "mc" and not self._sampling:
+            entry.fallback = g  # used only if no sampled backward happens on this step
+            return
+        if self.fisher == "ef" and self._sampling:
+            return
+        self._consume(name, entry, g)
+
+    def _consume(self, name: str, entry: _Capture, g: Tensor) -> None:
+        t0 = time.perf_counter()
+        layer = self.layers[name]
+        a = entry.a
+        entry.a, entry.used, entry.fallback = None, True, None
+        self.blocks[name].update_stats(a, layer.output_rows(g))
+        self._times["statistics"] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ MC Fisher
+    def needs_sampled_backward(self) -> bool:
+        """``True`` when the loop should run a sampled-label backward in
+        :meth:`sampled_backward` before the training backward of this step."""
+        return (
+            self.fisher == "mc"
+            and self._capture_on
+            and any(h.module.training for h in self.layers.values())
+        )
+
+    @contextmanager
+    def sampled_backward(self) -> Iterator[None]:
+        """Backward passes inside record ``G`` from sampled labels; the parameters' ``.grad``
+        are restored to their values at entry on exit (the sampled gradients never leak)."""
+        saved = {
+            p: (None if p.grad is None else p.grad.clone())
+            for g in self.param_groups
+            for p in g["params"]
+        }
+        self._sampling = True
+        try:
+            yield
+        finally:
+            self._sampling = False
+            for p, grad in saved.items():
+                p.grad = grad
+
+    # ------------------------------------------------------------------ the step
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _finish_statistics(self) -> list[str]:
+        """Consume leftover captures, commit pending statistics; names that got statistics."""
+        t0 = time.perf_counter()
+        for name, caps in self._captures.items():
+            for entry in caps:
+                if entry.fallback is not None and not entry.used:
+                    self._warn_once(
+                        "no-sampled",
+                        f"{type(self).__name__}(fisher='mc'): no sampled-label backward on a "
+                        "statistic step; using the training-label gradients (empirical "
+                        "Fisher) for it. Run the sampled backward inside opt.sampled_backward().",
+                    )
+                    self._consume(name, entry, entry.fallback)
+            caps.clear()
+        fresh = []
+        for name, block in self.blocks.items():
+            if block.has_pending:
+                block.commit_stats(self.stat_decay)
+                fresh.append(name)
+        self._times["statistics"] += time.perf_counter() - t0
+        return fresh
+
+    def _refresh(self, names: Sequence[str]) -> None:
+        t0 = time.perf_counter()
+        for name in names:
+            block = self.blocks[name]
+            if not block.has_stats:
+                continue
+            damping = self.param_groups[self._group_index[name]]["damping"]
+            if not block.refresh(float(damping)):
+                self._warn_once(
+                    "refresh-failed",
+                    f"{type(self).__name__}: the eigendecomposition/inverse of layer {name!r} "
+                    "failed in float32 and float64; keeping the previous factors",
+                )
+        self._times["inverse"] += time.perf_counter() - t0
+
+    def _precondition(self) -> None:
+        t0 = time.perf_counter()
+        done: list[tuple[LayerHelper, Tensor]] = []
+        vdotp = 0.0
+        for name, block in self.blocks.items():
+            if not block.ready:
+                continue
+            layer = self.layers[name]
+            grad = layer.grad_matrix()
+            if grad is None:
+                continue
+            p = block.precondition(grad.to(block.dtype))
+            if self.kl_clip is not None:
+                lr = self.param_groups[self._group_index[name]]["lr"]
+                vdotp += lr * lr * float((p * grad).sum())
+            done.append((layer, p))
+        scale = 1.0
+        if self.kl_clip is not None and vdotp != 0.0:
+            scale = min(1.0, math.sqrt(self.kl_clip / abs(vdotp)))
+        self.last_kl_scale = scale
+        for layer, p in done:
+            layer.set_grad(p * scale if scale != 1.0 else p)
+        self._times["precondition"] += time.perf_counter() - t0
+
+    def _sgd(self) -> None:
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if wd != 0:
+                    d = d.add(p, alpha=wd)
+                if mom != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(mom).add_(d)
+                    d = d.add(buf, alpha=mom) if group["nesterov"] else buf
+                p.add_(d, alpha=-lr)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        k = self._step
+        fresh = self._finish_statistics()
+        if self.is_inv_step(k):
+            self._refresh(list(self.blocks))
+        else:
+            self._refresh([n for n in fresh if not self.blocks[n].ready])
+        self._precondition()
+        self._sgd()
+        self._step = k + 1
+        self._capture_on = self.capture_step(self._step)
+        return loss
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def steps_taken(self) -> int:
+        return self._step
+
+    def phase_times(self) -> dict[str, float]:
+        """Cumulative seconds per phase (``statistics`` includes the hook work)."""
+        return dict(self._times)
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes of curvature state per tensor kind (e.g. ``A``, ``G``, ``QA``) and ``total``."""
+        out: dict[str, int] = {}
+        for block in self.blocks.values():
+            for k, v in block.memory_bytes().items():
+                out[k] = out.get(k, 0) + v
+        out["total"] = sum(out.values())
+        return out
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._capture_on = False
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["curvature"] = {
+            "step": self._step,
+            "blocks": {n: b.state_dict() for n, b in self.blocks.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        curv = sd.pop("curvature", None)
+        if curv is None:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the state has no 'curvature' entry "
+                "(factors and step counter); was it saved by a different optimizer?"
+            )
+        names = set(curv["blocks"])
+        if names != set(self.blocks):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: saved layers {sorted(names)} differ "
+                f"from this optimizer's {sorted(self.blocks)}"
+            )
+        super().load_state_dict(sd)
+        for name, block in self.blocks.items():
+            block.load_state_dict(curv["blocks"][name])
+        self._step = int(curv["step"])
+        for caps in self._captures.values():
+            caps.clear()
+        self._capture_on = self.capture_step(self._step)

@@ -1,0 +1,251 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's factors.
+
+Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson & Kakade, "SOAP: Improving and
+Stabilizing Shampoo using Adam", arXiv 2409.11321 (2024).  See ALGORITHMS.md section 7.4.
+
+Per parameter with gradient ``G`` (one factor per dim ``d <= max_precond_dim``; larger dims, and
+1-D parameters unless ``precondition_1d``, keep the identity basis):
+
+* first call: factors ``GG_i <- lerp(GG_i, G_(i) G_(i)^T, 1 - shampoo_beta)`` and the basis
+  ``Q_i`` from ``eigh`` (eigenvalues descending); no parameter update;
+* later calls: ``m <- lerp(m, G, 1 - beta1)`` (kept in the original space, which is the same as
+  rotating it with the old basis and re-projecting with the new one), ``v <- beta2 v +
+  (1 - beta2) (Q^T G)^2`` (rotated space), direction ``Q [(Q^T m) / (sqrt(v_hat) + eps)]``
+  with Adam's bias correction, decoupled weight decay, then the factor update with ``G`` and,
+  every ``precondition_frequency`` steps, one power iteration + QR per basis
+  (``Q_i <- qr(GG_i Q_i[:, sorted])``), re-ordering ``v`` consistently.
+
+Differences from the reference code, chosen so that SOAP with ``Q = I`` is exactly
+``torch.optim.AdamW``: ``eps`` is added after the bias correction of ``sqrt(v)`` and the decoupled
+decay is applied before the step (the reference adds eps before, and decays after).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .param_groups import split_decay_groups
+from .registry import OptimizerSpec, register
+from .shampoo import merge_dims as _merge
+
+__all__ = ["SOAP", "build_soap"]
+
+_NONE = torch.empty(0)
+
+
+def _eigenbasis(gg: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of the symmetric ``gg``, by descending eigenvalue (float64 retry)."""
+    try:
+        _, q = torch.linalg.eigh(gg + 1e-30 * torch.eye(gg.shape[0], dtype=gg.dtype))
+    except (RuntimeError, torch.linalg.LinAlgError):
+        _, q = torch.linalg.eigh(gg.double())
+        q = q.to(gg.dtype)
+    return q.flip(-1)
+
+
+def _refresh_basis(
+    gg: torch.Tensor, q: torch.Tensor, exp_avg_sq: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One power iteration + QR from the current basis; ``exp_avg_sq`` re-sorted along ``dim``."""
+    est = torch.diagonal(q.T @ gg @ q)
+    order = torch.argsort(est, descending=True)
+    q_new, _ = torch.linalg.qr(gg @ q[:, order])
+    return q_new, exp_avg_sq.index_select(dim, order)
+
+
+def _project(x: torch.Tensor, bases: list[torch.Tensor], back: bool = False) -> torch.Tensor:
+    """``Q^T x`` (or ``Q x`` when ``back``) along every mode; empty bases are identities."""
+    for q in bases:
+        if q.numel():
+            x = torch.tensordot(x, q, dims=([0], [1 if back else 0]))
+        else:
+            x = x.movedim(0, -1)
+    return x
+
+
+def _check(ok: bool, key: str, rng: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"optimizer.{key} must be {rng}, got {value!r}")
+
+
+def _validate(hp: dict[str, Any]) -> None:
+    _check(isinstance(hp["lr"], (int, float)) and hp["lr"] >= 0, "lr", ">= 0", hp["lr"])
+    _check(0 <= hp["beta1"] < 1, "beta1", "in [0, 1)", hp["beta1"])
+    _check(0 <= hp["beta2"] < 1, "beta2", "in [0, 1)", hp["beta2"])
+    sb = hp["shampoo_beta"]
+    _check(sb is None or 0 <= sb < 1, "shampoo_beta", "null (= beta2) or in [0, 1)", sb)
+    _check(hp["eps"] > 0, "eps", "> 0", hp["eps"])
+    _check(hp["weight_decay"] >= 0, "weight_decay", ">= 0", hp["weight_decay"])
+    f = hp["precondition_frequency"]
+    ok = isinstance(f, int) and not isinstance(f, bool) and f >= 1
+    _check(ok, "precondition_frequency", "an integer >= 1", f)
+    md = hp["max_precond_dim"]
+    ok = isinstance(md, int) and not isinstance(md, bool) and md >= 1
+    _check(ok, "max_precond_dim", "an integer >= 1", md)
+
+
+class SOAP(torch.optim.Optimizer):
+    """Adam run in Shampoo's eigenbasis (shape-based; no hooks)."""
+
+    def __init__(
+        self,
+        params: Any,
+        *,
+        lr: float = 3e-3,
+        beta1: float = 0.95,
+        beta2: float = 0.95,
+        shampoo_beta: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        correct_bias: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            correct_bias=correct_bias,
+        )
+        _validate(defaults)
+        super().__init__(params, defaults)
+        self._times = {"statistics": 0.0, "inverse": 0.0, "precondition": 0.0}
+
+    def phase_times(self) -> dict[str, float]:
+        """Cumulative seconds: statistics (factors), inverse (eigh/QR), precondition (rest)."""
+        return dict(self._times)
+
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes of factors, bases and Adam moments."""
+        out = {"factors": 0, "roots": 0, "moments": 0}
+        for st in self.state.values():
+            out["factors"] += sum(t.numel() * t.element_size() for t in st.get("GG", []))
+            out["roots"] += sum(t.numel() * t.element_size() for t in st.get("Q", []))
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    out["moments"] += st[key].numel() * st[key].element_size()
+        return out
+
+    @staticmethod
+    def _shape(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, ...]:
+        if group["merge_dims"]:
+            return _merge(p.shape, group["max_precond_dim"])
+        return tuple(p.shape) or (1,)
+
+    def _update_factors(self, st: dict[str, Any], g: torch.Tensor, beta: float) -> None:
+        for i, gg in enumerate(st["GG"]):
+            if gg.numel():
+                others = [j for j in range(g.ndim) if j != i]
+                gg.lerp_(torch.tensordot(g, g, dims=(others, others)), 1.0 - beta)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D102
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            sbeta = group["shampoo_beta"] if group["shampoo_beta"] is not None else group["beta2"]
+            b1, b2, freq = group["beta1"], group["beta2"], group["precondition_frequency"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                shape = self._shape(p, group)
+                g = p.grad.reshape(shape)
+                st = self.state[p]
+                t0 = time.perf_counter()
+                if "Q" not in st:  # first call: statistics and basis only
+                    rotate = p.ndim > 1 or group["precondition_1d"]
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(g)
+                    st["exp_avg_sq"] = torch.zeros_like(g)
+                    st["GG"] = [
+                        torch.zeros(d, d, dtype=p.dtype, device=p.device)
+                        if rotate and d <= group["max_precond_dim"]
+                        else _NONE.to(p)
+                        for d in shape
+                    ]
+                    self._update_factors(st, g, sbeta)
+                    t1 = time.perf_counter()
+                    st["Q"] = [_eigenbasis(gg) if gg.numel() else _NONE.to(p) for gg in st["GG"]]
+                    self._times["statistics"] += t1 - t0
+                    self._times["inverse"] += time.perf_counter() - t1
+                    continue
+                st["step"] += 1
+                t = st["step"]
+                gp = _project(g, st["Q"])
+                st["exp_avg"].lerp_(g, 1.0 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(gp, gp, value=1.0 - b2)
+                step_size, denom = group["lr"], st["exp_avg_sq"].sqrt()
+                if group["correct_bias"]:
+                    step_size /= 1.0 - b1**t
+                    denom.div_(math.sqrt(1.0 - b2**t))
+                direction = _project(
+                    _project(st["exp_avg"], st["Q"]) / denom.add_(group["eps"]), st["Q"], back=True
+                )
+                if group["weight_decay"] > 0:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.add_(direction.reshape(p.shape), alpha=-step_size)
+                t1 = time.perf_counter()
+                self._update_factors(st, g, sbeta)
+                t2 = time.perf_counter()
+                if t % freq == 0:
+                    for i, gg in enumerate(st["GG"]):
+                        if gg.numel():
+                            st["Q"][i], st["exp_avg_sq"] = _refresh_basis(
+                                gg, st["Q"][i], st["exp_avg_sq"], i
+                            )
+                t3 = time.perf_counter()
+                self._times["precondition"] += t1 - t0
+                self._times["statistics"] += t2 - t1
+                self._times["inverse"] += t3 - t2
+        return loss
+
+
+def build_soap(
+    model: nn.Module,
+    *,
+    lr: float = 3e-3,
+    beta1: float = 0.95,
+    beta2: float = 0.95,
+    shampoo_beta: float | None = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    correct_bias: bool = True,
+) -> SOAP:
+    """SOAP over ``model``'s parameters (no weight decay on biases and norms)."""
+    hp = dict(locals())
+    hp.pop("model")
+    _validate(hp)
+    return SOAP(split_decay_groups(model, weight_decay), **hp)
+
+
+register(
+    OptimizerSpec(
+        name="soap",
+        factory=build_soap,
+        description="Adam in the eigenbasis of Shampoo's factors (QR basis refresh)",
+        paper="Vyas et al., arXiv 2409.11321 (2024)",
+        needs_model=False,
+        curvature=True,
+        sampled_fisher=False,
+    )
+)
