@@ -333,9 +333,9 @@ class TransformerTask(Task):
 
     @classmethod
     def prepare_data(cls, dataset: str, root: Path) -> str:
-        """``numbers_en_de``: write the corpus and its sentencepiece model under ``root``.
-        ``wmt14_en_de``: check the raw text, train the 32k sentencepiece model if absent and
-        cache the encoded splits."""
+        """``numbers_en_de``: write the corpus and its 128-piece BPE sentencepiece model under
+        ``root``.  ``wmt14_en_de``: check the raw text, train the 32k unigram sentencepiece
+        model if absent and cache the encoded splits (the config's defaults)."""
         if dataset not in DATASETS:
             raise DataNotFoundError(
                 f"unknown text data set {dataset!r}; valid choices: " + ", ".join(DATASETS)
@@ -346,7 +346,9 @@ class TransformerTask(Task):
                 "flavor": flavor,
                 "dataset": dataset,
                 "data_root": str(root),
+                # the defaults of configs/task/transformer.yaml
                 "vocab_size": 128 if flavor == "tiny" else 32_000,
+                "spm_type": "bpe" if flavor == "tiny" else "unigram",
             }
         )
         data = task._load()

@@ -214,7 +214,8 @@ def test_corpus_is_real_number_words_with_held_out_numbers(data_root):
     from num2words import num2words
 
     task = _task(data_root)
-    task.num_train_examples()
+    status = type(task).prepare_data("numbers_en_de", data_root)
+    assert "20000 train / 500 valid / 500 test" in status and "spm_bpe128.model" in status
     d = data_root / "numbers_en_de"
     en, de = td.read_lines(d / "test.en"), td.read_lines(d / "test.de")
     assert len(en) == len(de) == 500
@@ -227,8 +228,9 @@ def test_corpus_is_real_number_words_with_held_out_numbers(data_root):
 
 def test_tiny_translation_beats_trivial_baselines(data_root):
     """300 AdamW steps (batch 64, inverse-sqrt schedule, 50 warm-up steps) of the 2+2-layer,
-    d=64 model: measured test BLEU ~50 (chrF ~90) in about 15 s of CPU time, against ~0-3 BLEU
-    for copying the source or always answering the most frequent training line."""
+    d=64 model: measured test BLEU 43 / 54 (chrF 87 / 91) for seeds 0 / 1 in about 15 s of CPU
+    time (12 s training, 2-3 s evaluation), against ~0 BLEU for copying the source or always
+    answering the most frequent training line."""
     torch.manual_seed(0)
     task = _task(data_root)
     model = task.build_model()
