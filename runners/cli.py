@@ -44,7 +44,9 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_list(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="ngbench list", description="List registered tasks or optimizers.")
+    ap = argparse.ArgumentParser(
+        prog="ngbench list", description="List registered tasks or optimizers."
+    )
     ap.add_argument("what", choices=["tasks", "optimizers"])
     ap.add_argument("--names", action="store_true", help="names only, one per line")
     args = ap.parse_args(argv)
@@ -62,8 +64,18 @@ def cmd_list(argv: list[str]) -> int:
         w = max(map(len, names))
         for n in names:
             s = REGISTRY[n]
-            flags = ",".join(f for f, on in (("curvature", s.curvature), ("hooks", s.needs_model),
-                                             ("mc-fisher", s.sampled_fisher)) if on) or "first-order"
+            flags = (
+                ",".join(
+                    f
+                    for f, on in (
+                        ("curvature", s.curvature),
+                        ("hooks", s.needs_model),
+                        ("mc-fisher", s.sampled_fisher),
+                    )
+                    if on
+                )
+                or "first-order"
+            )
             print(f"{n:<{w}}  {flags:<26} {s.description}" + (f"  [{s.paper}]" if s.paper else ""))
         return 0
     from hydra import compose, initialize_config_dir
@@ -80,8 +92,10 @@ def cmd_list(argv: list[str]) -> int:
                 t = build_task(cfg.task)
                 tgt = t.target
                 sign = "<=" if tgt.mode == "min" else ">="
-                print(f"{n:<12} {t.describe()}\n{'':<12} flavor={t.flavor} datasets="
-                      f"{','.join(TASKS[n].datasets)} target: {tgt.metric} {sign} {tgt.value}")
+                print(
+                    f"{n:<12} {t.describe()}\n{'':<12} flavor={t.flavor} datasets="
+                    f"{','.join(TASKS[n].datasets)} target: {tgt.metric} {sign} {tgt.value}"
+                )
             except Exception as exc:  # a broken task config should not hide the others
                 print(f"{n:<12} (config error: {exc})")
     return 0
@@ -97,12 +111,16 @@ def cmd_data(argv: list[str]) -> int:
         "offline. Known data sets: " + ", ".join(sorted(known)),
     )
     ap.add_argument("dataset", help="data set name (see above)")
-    ap.add_argument("--root", type=Path, default=None,
-                    help="data root (default: $NGBENCH_DATA or ./data)")
+    ap.add_argument(
+        "--root", type=Path, default=None, help="data root (default: $NGBENCH_DATA or ./data)"
+    )
     args = ap.parse_args(argv)
     if args.dataset not in known:
-        print(f"ngbench data: error: unknown data set {args.dataset!r}; valid choices: "
-              + ", ".join(sorted(known)), file=sys.stderr)
+        print(
+            f"ngbench data: error: unknown data set {args.dataset!r}; valid choices: "
+            + ", ".join(sorted(known)),
+            file=sys.stderr,
+        )
         return 2
     import os
 
@@ -146,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"ngbench: error: unknown command {cmd!r}; valid choices: {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        print(
+            f"ngbench: error: unknown command {cmd!r}; valid choices: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     return COMMANDS[cmd](rest)
 

@@ -30,8 +30,13 @@ def _need(cond: bool, msg: str) -> None:
 
 
 def check_train(train: dict[str, Any]) -> None:
-    for key, lo in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("checkpoint_every", 0),
-                    ("warmup_steps", 0)):
+    for key, lo in (
+        ("steps", 1),
+        ("batch_size", 1),
+        ("eval_every", 1),
+        ("checkpoint_every", 0),
+        ("warmup_steps", 0),
+    ):
         v = train.get(key)
         _need(_is_int(v) and v >= lo, f"train.{key} must be an integer >= {lo}, got {v!r}")
     _need(
@@ -84,14 +89,19 @@ def check_optimizer(opt: dict[str, Any]) -> None:
                 f"(default {default!r}), got {value!r}"
             )
     lr = opt.get("lr")
-    _need(lr is None or (_is_num(lr) and lr >= 0), f"optimizer.lr must be a number >= 0, got {lr!r}")
+    _need(
+        lr is None or (_is_num(lr) and lr >= 0), f"optimizer.lr must be a number >= 0, got {lr!r}"
+    )
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (or the task/optimizer config errors) on a bad config."""
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
-    _need(_is_int(c.get("seed")) and c["seed"] >= 0, f"seed must be an integer >= 0, got {c.get('seed')!r}")
+    _need(
+        _is_int(c.get("seed")) and c["seed"] >= 0,
+        f"seed must be an integer >= 0, got {c.get('seed')!r}",
+    )
     check_train(c["train"])
     check_optimizer(c["optimizer"])
     from tasks import build_task

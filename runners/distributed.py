@@ -87,7 +87,11 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, device: torch.device) -> to
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [device.index if device.index is not None else env.local_rank] if device.type == "cuda" else None
+    ids = (
+        [device.index if device.index is not None else env.local_rank]
+        if device.type == "cuda"
+        else None
+    )
     return DistributedDataParallel(model, device_ids=ids)
 
 

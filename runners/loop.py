@@ -376,7 +376,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     _sync(device)
                     t0 = time.perf_counter()
                     loss_value = train_step(
-                        task, net, optimizer, batch, sampled_fisher=use_sampled,
+                        task,
+                        net,
+                        optimizer,
+                        batch,
+                        sampled_fisher=use_sampled,
                         grad_clip=tcfg.get("grad_clip"),
                     )
                     scheduler.step()
@@ -394,7 +398,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                         progress.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
                     if not math.isfinite(loss_value):
                         status = "diverged"
-                        record["error"] = f"non-finite training loss {loss_value} at step {st['step']}"
+                        record["error"] = (
+                            f"non-finite training loss {loss_value} at step {st['step']}"
+                        )
                         stop_now = True
                         break
                     st["loss_sum"] += loss_value

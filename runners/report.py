@@ -81,8 +81,14 @@ def runs_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
             }
         )
     df = pd.DataFrame(rows)
-    for col in ("final", "best", "steps_to_target", "epochs_to_target", "time_to_target_s",
-                "mean_step_s"):
+    for col in (
+        "final",
+        "best",
+        "steps_to_target",
+        "epochs_to_target",
+        "time_to_target_s",
+        "mean_step_s",
+    ):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
@@ -129,8 +135,11 @@ def published_for(task: str, optimizer: str, published: pd.DataFrame) -> str:
     name, dataset, flavor = (task.split("/") + ["", "", ""])[:3]
     if flavor == "tiny":
         return ""  # the papers' numbers are for the full problems
-    m = published[(published["task"] == name) & (published["dataset"] == dataset)
-                  & (published["optimizer"] == optimizer)]
+    m = published[
+        (published["task"] == name)
+        & (published["dataset"] == dataset)
+        & (published["optimizer"] == optimizer)
+    ]
     return "; ".join(f"{r.value:g} {r.metric} ({r.status}; {r.source})" for r in m.itertuples())
 
 
@@ -151,7 +160,11 @@ def summary_table(df: pd.DataFrame, published: pd.DataFrame | None = None) -> pd
             reached = g["steps_to_target"].notna()
             sm, ss, sn = _mean_std(g.loc[reached, "steps_to_target"])
             tm, ts, tn = _mean_std(g.loc[reached, "time_to_target_s"])
-            em, es, en = _mean_std(g.loc[reached, "epochs_to_target"]) if "epochs_to_target" in g else (math.nan, math.nan, 0)
+            em, es, en = (
+                _mean_std(g.loc[reached, "epochs_to_target"])
+                if "epochs_to_target" in g
+                else (math.nan, math.nan, 0)
+            )
             step = float(g["mean_step_s"].mean())
             row = {
                 "task": task,
@@ -205,11 +218,12 @@ def performance_profile(df: pd.DataFrame, taus: np.ndarray) -> tuple[pd.DataFram
     best = tab.min(axis=0).replace(0, np.nan)
     ratios = tab / best
     ratios = ratios.where(ratios <= 4.0, math.inf).fillna(math.inf)
-    rho = pd.DataFrame(
-        {tau: (ratios <= tau).mean(axis=1) for tau in taus}, index=ratios.index
-    )
+    rho = pd.DataFrame({tau: (ratios <= tau).mean(axis=1) for tau in taus}, index=ratios.index)
     score = pd.Series(
-        {k: float(np.trapezoid(rho.loc[k].to_numpy(), taus) / (taus[-1] - taus[0])) for k in rho.index}
+        {
+            k: float(np.trapezoid(rho.loc[k].to_numpy(), taus) / (taus[-1] - taus[0]))
+            for k in rho.index
+        }
     )
     return rho, score.sort_values(ascending=False)
 
@@ -237,8 +251,12 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     for task, per_opt in _curves(runs).items():
         target = next(
-            (r["record"]["target"] for r in runs
-             if f"{r['record']['task']}/{r['record'].get('dataset')}/{r['record'].get('flavor')}" == task),
+            (
+                r["record"]["target"]
+                for r in runs
+                if f"{r['record']['task']}/{r['record'].get('dataset')}/{r['record'].get('flavor')}"
+                == task
+            ),
             None,
         )
         metrics = ["train_loss"] + ([target["metric"]] if target else [])
@@ -255,8 +273,13 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
                     xs = np.stack([f[xkey].to_numpy(dtype=float)[:n] for f in frames]).mean(0)
                     (line,) = ax.plot(xs, np.nanmean(ys, 0), label=f"{label} (n={len(frames)})")
                     if len(frames) > 1:
-                        ax.fill_between(xs, np.nanmin(ys, 0), np.nanmax(ys, 0),
-                                        color=line.get_color(), alpha=0.2)
+                        ax.fill_between(
+                            xs,
+                            np.nanmin(ys, 0),
+                            np.nanmax(ys, 0),
+                            color=line.get_color(),
+                            alpha=0.2,
+                        )
                 if target and metric == target["metric"]:
                     ax.axhline(target["value"], color="k", ls="--", lw=0.8, label="target")
                 ax.set_xlabel("step" if xkey == "step" else "training time (s)")
@@ -340,9 +363,17 @@ def report(runs_dir: Path, out: Path, *, quiet: bool = False) -> dict[str, Any]:
     if not score.empty:
         say("\nperformance-profile score (1 = fastest to target on every task):")
         say(score.round(3).to_string())
-    say(f"\n{len(runs)} runs, {len(skipped)} skipped; tables in {tables_dir}, figures in {figs_dir}")
-    return {"table": table, "runs": df, "skipped": skipped, "files": files, "figures": figs,
-            "scores": score}
+    say(
+        f"\n{len(runs)} runs, {len(skipped)} skipped; tables in {tables_dir}, figures in {figs_dir}"
+    )
+    return {
+        "table": table,
+        "runs": df,
+        "skipped": skipped,
+        "files": files,
+        "figures": figs,
+        "scores": score,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,8 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         "plots (curves vs steps and vs time, performance profile).",
     )
     ap.add_argument("runs_dir", type=Path, help="folder holding run folders (searched recursively)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="output folder (default: RUNS_DIR/report); tables/ and figures/ go inside")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: RUNS_DIR/report); tables/ and figures/ go inside",
+    )
     ap.add_argument("--quiet", action="store_true", help="do not print the table")
     args = ap.parse_args(argv)
     out = args.out or args.runs_dir / "report"

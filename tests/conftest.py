@@ -37,7 +37,9 @@ def _env() -> dict[str, str]:
 def ngbench(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """``ngbench(*args)`` runs the CLI with cwd=tmp_path and returns the finished process."""
 
-    def run(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, timeout: float = 600, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "runners.cli", *args],
             cwd=cwd or tmp_path,

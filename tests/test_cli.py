@@ -11,8 +11,19 @@ import yaml
 from runners.records import read_metrics
 
 RECORD_KEYS = {
-    "task", "optimizer", "seed", "status", "target", "steps_to_target", "time_to_target_s",
-    "final_metrics", "best_metrics", "git", "packages", "hardware", "world_size",
+    "task",
+    "optimizer",
+    "seed",
+    "status",
+    "target",
+    "steps_to_target",
+    "time_to_target_s",
+    "final_metrics",
+    "best_metrics",
+    "git",
+    "packages",
+    "hardware",
+    "world_size",
 }
 ROW_KEYS = {"step", "epoch", "train_time_s", "train_loss"}
 
@@ -31,8 +42,11 @@ def test_train_smoke_writes_run_folder(ngbench, tmp_path):
     assert rec["status"] == "completed" and rec["seed"] == 3 and rec["optimizer"] == "adamw"
     assert rec["steps_done"] == 6 and rec["world_size"] == 1
     assert rec["packages"]["torch"] and rec["hardware"]["cpu_count"] >= 1
-    assert rec["target"] == {"metric": "full_train_loss", "value": rec["target"]["value"],
-                             "mode": "min"}
+    assert rec["target"] == {
+        "metric": "full_train_loss",
+        "value": rec["target"]["value"],
+        "mode": "min",
+    }
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [3, 6]  # debug=smoke: eval every 3 of 6 steps
     for r in rows:
@@ -56,8 +70,12 @@ def test_completed_run_is_not_overwritten(ngbench, tmp_path):
     assert "already holds a completed run" in p.stderr and "skipped" in p.stderr
     assert rec_path.read_text() == before
     # same folder, different config (changing an excluded display key would not count):
-    p = ngbench("train", "debug=smoke", "hydra.run.dir=runs/autoencoder_mnist_tiny/sgd/default/seed0",
-                "optimizer.momentum=0.5")
+    p = ngbench(
+        "train",
+        "debug=smoke",
+        "hydra.run.dir=runs/autoencoder_mnist_tiny/sgd/default/seed0",
+        "optimizer.momentum=0.5",
+    )
     assert p.returncode == 2 and "different config" in p.stderr
     assert rec_path.read_text() == before
 
@@ -90,12 +108,19 @@ def test_bad_config_fails_before_training_with_clear_message(ngbench, tmp_path, 
     assert "Traceback" not in err
     for n in needles:
         assert n in err, err
-    assert not list((tmp_path / "runs").rglob("record.json")) if (tmp_path / "runs").exists() else True
+    assert (
+        not list((tmp_path / "runs").rglob("record.json")) if (tmp_path / "runs").exists() else True
+    )
 
 
 def test_missing_full_dataset_names_path_and_fix(ngbench, tmp_path):
-    p = ngbench("train", "task.flavor=full", "task.dataset=curves", "train.steps=2",
-                f"task.data_root={tmp_path / 'nodata'}")
+    p = ngbench(
+        "train",
+        "task.flavor=full",
+        "task.dataset=curves",
+        "train.steps=2",
+        f"task.data_root={tmp_path / 'nodata'}",
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert str(tmp_path / "nodata") in p.stderr and "digs3pts_1.mat" in p.stderr
     assert "ngbench data curves" in p.stderr

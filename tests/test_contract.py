@@ -44,7 +44,9 @@ def test_two_steps_every_task_every_optimizer(compose, task_name, opt_name):
     for _ in range(2):
         loss = train_step(task, model, opt, next(batches), sampled_fisher=spec.sampled_fisher)
         assert math.isfinite(loss), (task_name, opt_name, loss)
-    changed = [not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters(), strict=True)]
+    changed = [
+        not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters(), strict=True)
+    ]
     assert any(changed), f"{opt_name} did not change any parameter of {task_name}"
     assert all(math.isfinite(float(p.detach().abs().sum())) for p in model.parameters())
 
@@ -55,7 +57,7 @@ def test_optimizer_config_file_matches_factory(compose, opt_name):
     cfg = compose(f"optimizer={opt_name}")
     spec = optimizers.get_spec(opt_name)
     keys = set(cfg.optimizer) - {"name"}
-    assert keys == set(spec.hparams), (keys ^ set(spec.hparams))
+    assert keys == set(spec.hparams), keys ^ set(spec.hparams)
     assert (CONFIGS / "optimizer" / f"{opt_name}.yaml").exists()
 
 

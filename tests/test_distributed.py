@@ -27,13 +27,27 @@ def _free_port() -> int:
 def _run(tmp_path: Path, nproc: int, opt: str, root: str) -> Path:
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    args = ["debug=smoke", f"optimizer={opt}", f"runs_root={root}", "train.steps=12",
-            "train.eval_every=6", "train.batch_size=200"]
+    args = [
+        "debug=smoke",
+        f"optimizer={opt}",
+        f"runs_root={root}",
+        "train.steps=12",
+        "train.eval_every=6",
+        "train.batch_size=200",
+    ]
     if nproc == 1:
         cmd = [sys.executable, "-m", "runners.train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "-m", "runners.train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={_free_port()}",
+            "-m",
+            "runners.train",
+            *args,
+        ]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     (rec,) = (tmp_path / root).rglob("record.json")

@@ -31,8 +31,13 @@ def test_experiment_matrix_smoke(name, tmp_path):
     assert set(opts) <= set(optimizers.list_optimizers()), f"{name}: unregistered {opts}"
     assert len(str(params.seed).split(",")) >= 3, f"{name}: fewer than 3 seeds"
     for opt in opts:
-        c = _compose(f"experiment={name}", "debug=smoke", f"optimizer={opt}", "train.steps=2",
-                     "train.eval_every=2")
+        c = _compose(
+            f"experiment={name}",
+            "debug=smoke",
+            f"optimizer={opt}",
+            "train.steps=2",
+            "train.eval_every=2",
+        )
         OmegaConf.set_struct(c, False)
         del c["hydra"]
         check_config(c)

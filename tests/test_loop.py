@@ -19,7 +19,9 @@ def _cfg(compose, *overrides):
 
 
 def test_diverging_run_is_recorded_not_raised(compose, tmp_path):
-    cfg = _cfg(compose, "optimizer=sgd", "optimizer.lr=50.0", "train.steps=30", "train.eval_every=10")
+    cfg = _cfg(
+        compose, "optimizer=sgd", "optimizer.lr=50.0", "train.steps=30", "train.eval_every=10"
+    )
     rec = loop.train(cfg, tmp_path / "run")
     assert rec["status"] == "diverged"
     assert "non-finite" in rec["error"]
@@ -29,8 +31,13 @@ def test_diverging_run_is_recorded_not_raised(compose, tmp_path):
 
 
 def test_target_detection_records_first_eval_reaching_it(compose, tmp_path):
-    cfg = _cfg(compose, "optimizer=adamw", "train.steps=40", "train.eval_every=5",
-               "task.targets.tiny_mnist.value=300.0")
+    cfg = _cfg(
+        compose,
+        "optimizer=adamw",
+        "train.steps=40",
+        "train.eval_every=5",
+        "task.targets.tiny_mnist.value=300.0",
+    )
     rec = loop.train(cfg, tmp_path / "run")
     rows = records.read_metrics(tmp_path / "run" / "metrics.jsonl")
     first = next(r for r in rows if r["full_train_loss"] <= 300.0)
@@ -40,8 +47,13 @@ def test_target_detection_records_first_eval_reaching_it(compose, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_result(compose, tmp_path, monkeypatch):
-    over = ("optimizer=adamw", "train.steps=24", "train.eval_every=4", "train.checkpoint_every=5",
-            "train.batch_size=500")  # 8 batches per epoch: the kill lands mid-epoch 1
+    over = (
+        "optimizer=adamw",
+        "train.steps=24",
+        "train.eval_every=4",
+        "train.checkpoint_every=5",
+        "train.batch_size=500",
+    )  # 8 batches per epoch: the kill lands mid-epoch 1
     ref = loop.train(_cfg(compose, *over), tmp_path / "ref")
 
     # kill at step 13 (after the checkpoint at step 10, with rows 12 already written)

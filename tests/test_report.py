@@ -14,25 +14,48 @@ from runners import records, report
 from runners.wandb_reader import find_run_file, read_history
 
 
-def _fake_run(root: Path, opt: str, seed: int, *, final: float, ttt: float | None,
-              status: str = "completed", step_s: float = 0.01, variant: str = "default") -> Path:
+def _fake_run(
+    root: Path,
+    opt: str,
+    seed: int,
+    *,
+    final: float,
+    ttt: float | None,
+    status: str = "completed",
+    step_s: float = 0.01,
+    variant: str = "default",
+) -> Path:
     run = root / "autoencoder_mnist_tiny" / opt / variant / f"seed{seed}"
     run.mkdir(parents=True)
     rows = [
-        {"step": s, "epoch": s / 10, "train_time_s": s * step_s, "train_loss": final + 100 / s,
-         "full_train_loss": final + 50 / s}
+        {
+            "step": s,
+            "epoch": s / 10,
+            "train_time_s": s * step_s,
+            "train_loss": final + 100 / s,
+            "full_train_loss": final + 50 / s,
+        }
         for s in (10, 20, 30)
     ]
     records.write_metrics(run / "metrics.jsonl", rows)
     (run / "config.yaml").write_text("seed: 0\n")
-    records.write_json(run / "record.json", {
-        "task": "autoencoder", "dataset": "mnist", "flavor": "tiny", "optimizer": opt,
-        "seed": seed, "status": status,
-        "target": {"metric": "full_train_loss", "value": 80.0, "mode": "min"},
-        "steps_to_target": None if ttt is None else int(ttt / step_s),
-        "time_to_target_s": ttt, "final_metrics": {"full_train_loss": final},
-        "best_metrics": {"full_train_loss": final}, "mean_step_s": step_s,
-    })
+    records.write_json(
+        run / "record.json",
+        {
+            "task": "autoencoder",
+            "dataset": "mnist",
+            "flavor": "tiny",
+            "optimizer": opt,
+            "seed": seed,
+            "status": status,
+            "target": {"metric": "full_train_loss", "value": 80.0, "mode": "min"},
+            "steps_to_target": None if ttt is None else int(ttt / step_s),
+            "time_to_target_s": ttt,
+            "final_metrics": {"full_train_loss": final},
+            "best_metrics": {"full_train_loss": final},
+            "mean_step_s": step_s,
+        },
+    )
     return run
 
 
@@ -58,6 +81,7 @@ def test_report_table_numbers_and_skips(tmp_path):
     assert list(out["table"]["optimizer"]) == ["kfac", "adamw", "sgd"]  # best final first
     # Welch t-test against the best baseline (adamw has 1 finite value -> NaN; vs sgd real)
     from scipy import stats
+
     assert math.isnan(t.loc["kfac", "p_vs_best_baseline"])
     skipped = {str(p.relative_to(runs)): why for p, why in out["skipped"]}
     assert "status failed" in skipped["autoencoder_mnist_tiny/adamw/default/seed1"]
@@ -82,14 +106,16 @@ def test_welch_p_matches_scipy():
 
 def test_performance_profile_formula():
     # two tasks: A fastest on t1, B twice as slow on t1 and fastest on t2; C 5x slower (cut at 4x)
-    df = pd.DataFrame([
-        {"task": "t1", "label": "A", "time_to_target_s": 1.0},
-        {"task": "t1", "label": "B", "time_to_target_s": 2.0},
-        {"task": "t1", "label": "C", "time_to_target_s": 5.0},
-        {"task": "t2", "label": "A", "time_to_target_s": 3.0},
-        {"task": "t2", "label": "B", "time_to_target_s": 1.5},
-        {"task": "t2", "label": "C", "time_to_target_s": None},
-    ])
+    df = pd.DataFrame(
+        [
+            {"task": "t1", "label": "A", "time_to_target_s": 1.0},
+            {"task": "t1", "label": "B", "time_to_target_s": 2.0},
+            {"task": "t1", "label": "C", "time_to_target_s": 5.0},
+            {"task": "t2", "label": "A", "time_to_target_s": 3.0},
+            {"task": "t2", "label": "B", "time_to_target_s": 1.5},
+            {"task": "t2", "label": "C", "time_to_target_s": None},
+        ]
+    )
     taus = np.linspace(1, 4, 3001)
     rho, score = report.performance_profile(df, taus)
     assert rho.loc["A", 1.0] == 0.5 and rho.loc["B", 1.0] == 0.5
@@ -124,11 +150,22 @@ def test_report_cli_on_real_runs_and_wandb_mirror(ngbench, tmp_path):
 
 
 def test_paper_numbers_printed_beside_ours_for_full_runs_only():
-    pub = pd.DataFrame([{"task": "resnet", "dataset": "imagenet", "optimizer": "ngplus",
-                         "metric": "epochs_to_target", "value": 40, "status": "verified",
-                         "source": "NG+ README"}])
+    pub = pd.DataFrame(
+        [
+            {
+                "task": "resnet",
+                "dataset": "imagenet",
+                "optimizer": "ngplus",
+                "metric": "epochs_to_target",
+                "value": 40,
+                "status": "verified",
+                "source": "NG+ README",
+            }
+        ]
+    )
     assert report.published_for("resnet/imagenet/full", "ngplus", pub) == (
-        "40 epochs_to_target (verified; NG+ README)")
+        "40 epochs_to_target (verified; NG+ README)"
+    )
     assert report.published_for("resnet/imagenet/tiny", "ngplus", pub) == ""
     assert report.published_for("resnet/imagenet/full", "sgd", pub) == ""
     shipped = report.load_published()

@@ -41,9 +41,21 @@ def _env() -> dict[str, str]:
 
 def _launch(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "runners.cli", "train", "-m", "hydra/launcher=slurm",
-         "hydra.launcher.timeout_min=10", *args],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "runners.cli",
+            "train",
+            "-m",
+            "hydra/launcher=slurm",
+            "hydra.launcher.timeout_min=10",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -53,8 +65,15 @@ def test_sweep_runs_as_job_array(tmp_path):
     assert p.returncode == 0, out
     for opt in ("sgd", "adamw"):
         rec = json.loads(
-            (tmp_path / "runs" / "autoencoder_mnist_tiny" / opt / "default" / "seed0" / "record.json")
-            .read_text()
+            (
+                tmp_path
+                / "runs"
+                / "autoencoder_mnist_tiny"
+                / opt
+                / "default"
+                / "seed0"
+                / "record.json"
+            ).read_text()
         )
         assert rec["status"] == "completed" and rec["slurm_job_id"], rec
     subs = list((tmp_path / "runs" / ".submitit").glob("*_submission.sh"))
@@ -63,8 +82,13 @@ def test_sweep_runs_as_job_array(tmp_path):
 
 def test_interrupted_job_requeues_and_resumes(tmp_path):
     steps = 1500
-    p = _launch(tmp_path, "debug=smoke", f"train.steps={steps}", "train.eval_every=250",
-                "train.checkpoint_every=50")
+    p = _launch(
+        tmp_path,
+        "debug=smoke",
+        f"train.steps={steps}",
+        "train.eval_every=250",
+        "train.checkpoint_every=50",
+    )
     run = next_run = None
     deadline = time.time() + 240
     while time.time() < deadline:
