@@ -61,16 +61,18 @@ class KroneckerBlock(CurvatureBlock):
 
     # -- statistics ---------------------------------------------------------------
     homogeneous_input = False  # the bias column of A is built from row sums (no copy)
+    #: running statistics; the rest (``_DERIVED``) is broadcast under DDP (KAISA)
+    statistic_keys = frozenset({"A", "G", "T"})
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:
-        gt = _columns(g, self.dtype)
+        gt = _columns(g, torch.float64)
         rows = gt.shape[1]
         self.accumulate("G", _gram(gt), rows=rows, examples=g.shape[0])
         if self.diagonal:
             counts = torch.bincount(a.reshape(-1), minlength=self.n)
             self.accumulate("A", counts.to(self.dtype))
             return
-        xt = _columns(a, self.dtype)
+        xt = _columns(a, torch.float64)
         a0 = _gram(xt)
         if self.layer.has_bias:
             s = xt.sum(1)
@@ -84,8 +86,8 @@ class KroneckerBlock(CurvatureBlock):
 
     def commit_stats(self, decay: float) -> None:
         sums, rows, examples = self.take_pending()
-        self.ema("A", sums["A"] / rows, decay)
-        self.ema("G", sums["G"] / rows, decay)
+        self.ema("A", (sums["A"] / rows).to(self.dtype), decay)
+        self.ema("G", (sums["G"] / rows).to(self.dtype), decay)
         t = torch.tensor(rows / max(examples, 1), dtype=self.dtype, device=self.device)
         self.ema("T", t, decay)
 

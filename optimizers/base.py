@@ -61,8 +61,23 @@ Example (a diagonal-of-A toy method)::
             return DiagABlock(layer)
 
 Subclasses that need extra options set them as attributes *before* calling
-``super().__init__`` (``make_block`` runs inside it).  :class:`optimizers._kronecker.KroneckerBlock`
-is the reusable ``A ⊗ G`` block (factors, eigen / factored-Tikhonov / inverse damping).
+``super().__init__`` (``make_block`` runs inside it).
+
+Distributed (KAISA, :mod:`optimizers._distributed`): under DDP (``torch.distributed``
+initialised, world size > 1) the optimizer all-reduces every block's pending sums and counters
+before ``commit_stats`` and runs ``refresh`` only on the block's *inverse worker*, then
+broadcasts the block's **decomposition** tensors.  Block authors declare
+``statistic_keys`` — the names in ``tensors`` maintained by ``commit_stats`` (identical on every
+rank; never broadcast).  Every other tensor is a decomposition: written by ``refresh`` (which
+must not modify statistics), broadcast to the holders and dropped on the other ranks when
+``grad_worker_fraction < 1``.  A block whose ``update_stats``/``commit_stats``/``precondition``
+reads or updates decomposition tensors (EKFAC's eigenbasis and scalings) sets
+``decomposition_on_every_rank = True``.  ``refresh_cost()`` (default ``n³ + m³``) balances
+the load.  Pending statistics must be floating tensors that are sums (or means) over the local
+batch, with the row/example counts passed to :meth:`CurvatureBlock.accumulate`.
+
+:class:`optimizers._kronecker.KroneckerBlock` is the reusable ``A ⊗ G`` block (factors, eigen /
+factored-Tikhonov / inverse damping).
 """
 
 from __future__ import annotations
@@ -79,6 +94,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._distributed import KaisaComm, dist_world
 from ._layers import LOSS_AVERAGES, LayerHelper, make_helper, unsupported_reason
 from ._linalg import compute_dtype
 from .param_groups import split_decay_groups
@@ -154,6 +170,16 @@ class CurvatureBlock:
     #: for a layer with a bias) and handles the constant-1 column itself (saves a copy)
     homogeneous_input = True
 
+    #: names in ``tensors`` that are running *statistics* (written by ``commit_stats`` from the
+    #: rank-averaged pending sums, so identical on every rank; never broadcast).  Everything
+    #: else in ``tensors`` is a *decomposition* (written by ``refresh``; broadcast from the
+    #: inverse worker under DDP).  ``None``: inferred as the keys written with :meth:`ema`.
+    statistic_keys: frozenset[str] | None = None
+
+    #: ``True`` when the block needs its decomposition on every rank even with
+    #: ``grad_worker_fraction < 1`` (its statistics or preconditioning read/update it)
+    decomposition_on_every_rank = False
+
     def __init__(self, layer: LayerHelper) -> None:
         self.layer = layer
         self.dtype = compute_dtype(layer.weight.dtype)
@@ -217,12 +243,31 @@ class CurvatureBlock:
         self.meta["commits"] = int(self.meta.get("commits", 0)) + 1
         return out
 
+    def stat_keys(self) -> frozenset[str] | None:
+        """The statistic names (declared, or inferred from :meth:`ema`; ``None``: unknown)."""
+        if self.statistic_keys is not None:
+            return frozenset(self.statistic_keys)
+        inferred = self.meta.get("ema_keys")
+        return frozenset(inferred) if inferred else None
+
+    def decomposition_keys(self) -> set[str]:
+        """Names in ``tensors`` that are decompositions (not statistics)."""
+        stats = self.stat_keys() or frozenset()
+        return {k for k in self.tensors if k not in stats}
+
+    def refresh_cost(self) -> float:
+        """Relative cost of :meth:`refresh` for the distributed load balance (``n³ + m³``)."""
+        n = self.layer.in_dim if not self.layer.diagonal_input else 1
+        return float(n**3 + self.layer.out_dim**3)
+
     def discard_pending(self) -> None:
         self._pending, self._pending_rows, self._pending_examples = {}, 0, 0
 
     def ema(self, key: str, value: Tensor, decay: float) -> Tensor:
         """``X <- decay·X + (1-decay)·value`` (first call: ``X = value``)."""
         cur = self.tensors.get(key)
+        if self.statistic_keys is None and key not in self.meta.get("ema_keys", ()):
+            self.meta["ema_keys"] = [*self.meta.get("ema_keys", ()), key]
         if cur is None:
             self.tensors[key] = value.to(self.dtype).clone()
         else:
@@ -275,7 +320,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ``kl_clip`` (``None`` or κ > 0, §0.7), ``fisher`` (``ef`` | ``mc``), ``loss_average``
     (``batch`` | ``tokens``), ``skip_layers`` (module names, globs or class names),
     ``layers`` (``None`` = every supported layer; else only these, and an unsupported one is an
-    error).
+    error), ``grad_worker_fraction`` (KAISA, used only under DDP with world size ``W > 1``:
+    ``1`` = every rank holds every decomposition (COMM_OPT), ``1/W`` = one rank per layer
+    preconditions and broadcasts the result (MEM_OPT); ``W·f`` must divide ``W``).
+
+    Under DDP build the optimizer on the bare model after ``init_process_group``; the
+    distributed work assignment is made at the first :meth:`step`.  Before saving a checkpoint
+    from one rank with ``grad_worker_fraction < 1`` call :meth:`consolidate_state_dict` on every
+    rank.
     """
 
     def __init__(
@@ -295,6 +347,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         loss_average: str = "batch",
         skip_layers: Sequence[str] | None = None,
         layers: Sequence[str] | None = None,
+        grad_worker_fraction: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"a curvature optimizer needs the model (nn.Module), got {model!r}")
@@ -309,6 +362,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"optimizer.stat_decay must be in [0, 1), got {stat_decay!r}")
         if kl_clip is not None:
             _check_positive("kl_clip", kl_clip)
+        ok = isinstance(grad_worker_fraction, (int, float)) and not isinstance(
+            grad_worker_fraction, bool
+        )
+        if not ok or not 0 < grad_worker_fraction <= 1:
+            raise ValueError(
+                "optimizer.grad_worker_fraction must be in [1/world_size, 1], "
+                f"got {grad_worker_fraction!r}"
+            )
+        self.grad_worker_fraction = float(grad_worker_fraction)
         if fisher not in FISHER_TYPES:
             raise ValueError(
                 f"optimizer.fisher must be one of {', '.join(FISHER_TYPES)}, got {fisher!r}"
@@ -364,6 +426,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for n, h in self.layers.items()
         ]
         self._capture_on = self.capture_step(0)
+        self._dist: KaisaComm | None = None
+        self._dist_checked = False
+        self._after_load: set[str] | None = None
+        self._consolidated: dict[str, dict[str, Tensor]] = {}
 
     # ------------------------------------------------------------------ extension points
     def make_block(self, layer: LayerHelper) -> CurvatureBlock:
@@ -542,52 +608,86 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     )
                     self._consume(name, entry, entry.fallback)
             caps.clear()
+        comm0 = self._comm_seconds()
+        if self._dist is not None:
+            self._dist.reduce_pending([b for b in self.blocks.values() if b.has_pending])
         fresh = []
         for name, block in self.blocks.items():
             if block.has_pending:
                 block.commit_stats(self.stat_decay)
                 fresh.append(name)
-        self._times["statistics"] += time.perf_counter() - t0
+        self._times["statistics"] += time.perf_counter() - t0 - self._comm_delta(comm0)
         return fresh
 
     def _refresh(self, names: Sequence[str]) -> None:
         t0 = time.perf_counter()
+        comm0 = self._comm_seconds()
+        dist_on = self._dist is not None
+        names = [n for n in names if self.blocks[n].has_stats]
+        results: dict[str, dict[str, Any]] = {}
         for name in names:
             block = self.blocks[name]
-            if not block.has_stats:
+            if dist_on and not self._dist.is_inverse_worker(name):  # type: ignore[union-attr]
                 continue
+            before = {k: id(t) for k, t in block.tensors.items()}
             damping = self.param_groups[self._group_index[name]]["damping"]
-            if not block.refresh(float(damping)):
-                self._warn_once(
-                    "refresh-failed",
-                    f"{type(self).__name__}: the eigendecomposition/inverse of layer {name!r} "
-                    "failed in float32 and float64; keeping the previous factors",
-                )
-        self._times["inverse"] += time.perf_counter() - t0
+            ok = block.refresh(float(damping))
+            if dist_on:
+                stats = block.stat_keys()
+                if stats is not None:
+                    keys = sorted(k for k in block.tensors if k not in stats)
+                else:  # undeclared: whatever refresh added or replaced
+                    keys = sorted(k for k, t in block.tensors.items() if before.get(k) != id(t))
+                results[name] = {"ok": bool(ok), "keys": keys}
+            elif not ok:
+                self._refresh_failed(name)
+        if dist_on and names:
+            oks = self._dist.share_decompositions(names, self.blocks, results)  # type: ignore[union-attr]
+            for name, ok in oks.items():
+                if not ok:
+                    self._refresh_failed(name)
+        self._times["inverse"] += time.perf_counter() - t0 - self._comm_delta(comm0)
+
+    def _refresh_failed(self, name: str) -> None:
+        self._warn_once(
+            "refresh-failed",
+            f"{type(self).__name__}: the eigendecomposition/inverse of layer {name!r} "
+            "failed in float32 and float64; keeping the previous factors",
+        )
 
     def _precondition(self) -> None:
         t0 = time.perf_counter()
-        done: list[tuple[LayerHelper, Tensor]] = []
-        vdotp = 0.0
+        comm0 = self._comm_seconds()
+        grads: dict[str, Tensor] = {}
+        mine: dict[str, Tensor] = {}
         for name, block in self.blocks.items():
             if not block.ready:
                 continue
-            layer = self.layers[name]
-            grad = layer.grad_matrix()
+            grad = self.layers[name].grad_matrix()
             if grad is None:
                 continue
-            p = block.precondition(grad.to(block.dtype))
+            grads[name] = grad
+            if self._dist is None or self._dist.holds(name):
+                mine[name] = block.precondition(grad.to(block.dtype))
+        if self._dist is not None and grads:
+            shapes = {n: (g.shape, self.blocks[n].dtype) for n, g in grads.items()}
+            device = next(iter(grads.values())).device
+            mine = self._dist.share_gradients(shapes, mine, device)
+        done: list[tuple[LayerHelper, Tensor]] = []
+        vdotp = 0.0
+        for name, grad in grads.items():
+            p = mine[name]
             if self.kl_clip is not None:
                 lr = self.param_groups[self._group_index[name]]["lr"]
                 vdotp += lr * lr * float((p * grad).sum())
-            done.append((layer, p))
+            done.append((self.layers[name], p))
         scale = 1.0
         if self.kl_clip is not None and vdotp != 0.0:
             scale = min(1.0, math.sqrt(self.kl_clip / abs(vdotp)))
         self.last_kl_scale = scale
         for layer, p in done:
             layer.set_grad(p * scale if scale != 1.0 else p)
-        self._times["precondition"] += time.perf_counter() - t0
+        self._times["precondition"] += time.perf_counter() - t0 - self._comm_delta(comm0)
 
     def _sgd(self) -> None:
         for group in self.param_groups:
@@ -615,16 +715,63 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         k = self._step
+        self._setup_distributed()
         fresh = self._finish_statistics()
         if self.is_inv_step(k):
             self._refresh(list(self.blocks))
         else:
-            self._refresh([n for n in fresh if not self.blocks[n].ready])
+            again = self._after_load or set()
+            self._refresh([n for n in self.blocks if n in again or (
+                n in fresh and not self.blocks[n].ready)])
+        self._after_load = None
         self._precondition()
         self._sgd()
         self._step = k + 1
         self._capture_on = self.capture_step(self._step)
         return loss
+
+    # ------------------------------------------------------------------ distributed
+    def _setup_distributed(self) -> None:
+        if self._dist_checked:
+            return
+        self._dist_checked = True
+        _, world = dist_world()
+        if world <= 1:
+            return
+        self._dist = KaisaComm(self.blocks, grad_worker_fraction=self.grad_worker_fraction)
+        self._times.setdefault("communication", 0.0)
+        log.info(
+            "%s: KAISA over %d ranks, %d gradient worker(s) per layer; inverse workers %s",
+            type(self).__name__, world, self._dist.assignment.grad_workers,
+            self._dist.assignment.inv_worker,
+        )
+        if self._after_load is not None:
+            self._dist.trim(self.blocks)
+
+    def _comm_seconds(self) -> float:
+        return self._dist.seconds if self._dist is not None else 0.0
+
+    def _comm_delta(self, before: float) -> float:
+        """Communication seconds since ``before`` (added to the ``communication`` phase)."""
+        if self._dist is None:
+            return 0.0
+        d = self._dist.seconds - before
+        self._times["communication"] = self._times.get("communication", 0.0) + d
+        return d
+
+    @property
+    def work_assignment(self) -> Any:
+        """The KAISA :class:`~optimizers._distributed.Assignment` (``None`` in one process or
+        before the first step)."""
+        return None if self._dist is None else self._dist.assignment
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective (call on every rank): gather the decompositions rank ``to`` does not hold
+        so that its next :meth:`state_dict` is complete (``grad_worker_fraction < 1``)."""
+        self._setup_distributed()
+        if self._dist is None or self._dist.assignment.grad_workers == self._dist.world:
+            return
+        self._consolidated = self._dist.gather_to(to, self.blocks)
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -653,10 +800,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["curvature"] = {
-            "step": self._step,
-            "blocks": {n: b.state_dict() for n, b in self.blocks.items()},
-        }
+        blocks = {n: b.state_dict() for n, b in self.blocks.items()}
+        for name, extra in self._consolidated.items():
+            blocks[name]["tensors"].update({k: t.clone() for k, t in extra.items()})
+        self._consolidated = {}
+        sd["curvature"] = {"step": self._step, "blocks": blocks}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -677,6 +825,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for name, block in self.blocks.items():
             block.load_state_dict(curv["blocks"][name])
         self._step = int(curv["step"])
+        # a ready block saved without its decomposition (a rank that did not hold it, no
+        # consolidate_state_dict): recompute it from the saved statistics at the next step
+        again = {n for n, b in self.blocks.items() if b.ready and not b.decomposition_keys()
+                 and b.stat_keys() is not None}
+        if again:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: layers {sorted(again)} were saved "
+                "without their decomposition; it is recomputed from the saved statistics at "
+                "the next step (call consolidate_state_dict() on every rank before saving)",
+                RuntimeWarning, stacklevel=2,
+            )
+        self._after_load = again
+        if self._dist is not None:
+            self._dist.trim(self.blocks)
         for caps in self._captures.values():
             caps.clear()
         self._capture_on = self.capture_step(self._step)

@@ -1,0 +1,326 @@
+"""SNGD: structured natural gradient descent on a "reconstructed" network.
+
+Liu, Boumaraf, Li, Lin, Liu, Niu & Werghi, "Reconstructing Deep Neural Networks: Unleashing the
+Optimization Potential of Natural Gradient Descent", arXiv 2412.07441 (reference code
+``Chaochao-Lin/SNGD``, TensorFlow, MLP only).  See ALGORITHMS.md §5.
+
+Principle (§5.1): with a fixed SPD local metric ``M`` of a layer, plain (momentum) SGD on the
+reparametrized weight ``W' = W M^{1/2}`` (a "local Fisher layer" ``x̃ ↦ M^{-1/2} x̃`` in front of the
+layer) moves ``W`` exactly by ``-η ∇W M⁻¹``.  So the method is implemented as the equivalent
+preconditioner on ``W`` (row-major ``[W | b]``, one row per output unit); :func:`denman_beavers`
+gives ``M^{±1/2}`` for the reconstructed-network view.
+
+Metrics (``x̃`` = input with the constant 1 appended, rows = examples × locations):
+
+* shared input metric ``M = E[x̃ x̃ᵀ]``; ``P = ∇W M⁻¹`` — the first and the last registered layer
+  (``first_last_shared=True``, as the released code), every layer with ``mode="input"``, and conv
+  layers with ``conv_mode="input"`` (default; unfold patches, KFC-style averaged over locations);
+* per output unit ``M_j = E[ψ(h_j) x̃ x̃ᵀ]``, ``P_j = M_j⁻¹ ∇W_j`` — hidden Linear layers with
+  ``mode="rfim"`` (default) and, with ``conv_mode="unit"``, conv layers per output channel (costly:
+  ``O(N·T·C_out·n²)``).  ``h = x̃ Wᵀ`` is the layer's own pre-activation, recomputed exactly from the
+  captured input; ``ψ(h) = σ(h)²`` (``unit_weight="sigmoid"``: the squared softplus derivative, the
+  released code's smooth surrogate for ReLU) or ``ψ ≡ 1`` (``"one"``).  The metrics do not use
+  labels or back-propagated gradients;
+* Embedding layers: the shared input metric of one-hot inputs, ``diag(token frequencies)``.
+
+Damping ``M + (ε_rel·tr M + ε_abs) I`` per metric (``damping`` = ε_rel, default 1e-4;
+``damping_abs`` = ε_abs, default 0 as released).  Inverses by one batched Cholesky call per layer
+every ``inv_every=100`` steps; a failed inverse keeps the previous one (or the plain gradient
+before the first success, as the released code falls back to the identity).
+
+Schedule: the released code updates the metric EMA (0.995) every iteration; per-unit statistics
+cost ``O(N·d_out·n²)``, so here they are gathered every ``stat_every=10`` steps by default, and
+``stat_decay`` (default 0.995) is the decay **per iteration**: each statistic step applies
+``stat_decay ** stat_every`` (0.951 by default) so the averaging horizon in iterations is the
+released one (a callable ``stat_every`` uses ``stat_decay`` per statistic step).  Statistics come
+from the training forward pass (the released code re-runs the batch after the step in inference
+mode).  ``momentum=0`` by default: plain GD on the reconstructed network, as the released run
+script (momentum in the ``W'`` coordinates is allowed, but the per-unit metrics do not see the
+loss scale and a heavy-ball factor of 10 made small runs diverge); decoupled weight decay as the
+rest of the family.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._layers import LayerHelper
+from ._linalg import safe_inv
+from .base import CurvatureBlock, CurvatureOptimizer, Schedule
+from .mbf import batched_spd_inverse
+from .registry import OptimizerSpec, register
+
+__all__ = [
+    "CONV_MODES",
+    "MODES",
+    "UNIT_WEIGHTS",
+    "SNGD",
+    "SNGDBlock",
+    "build_sngd",
+    "denman_beavers",
+]
+
+MODES = ("rfim", "input")
+CONV_MODES = ("input", "unit")
+UNIT_WEIGHTS = ("sigmoid", "one")
+
+#: elements of the per-row outer products formed at once (bounds the statistics' memory)
+_CHUNK_ELEMS = 1 << 22
+
+
+def denman_beavers(m: Tensor, *, iters: int = 100, tol: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """``(M^{1/2}, M^{-1/2})`` of an SPD matrix by the Denman–Beavers iteration (§5.1)."""
+    y = m.clone()
+    z = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device).expand_as(m).clone()
+    for _ in range(iters):
+        y_next = 0.5 * (y + torch.linalg.inv(z))
+        z = 0.5 * (z + torch.linalg.inv(y))
+        done = float((y_next - y).abs().max()) <= tol * float(y_next.abs().max())
+        y = y_next
+        if done:
+            break
+    return y, z
+
+
+class SNGDBlock(CurvatureBlock):
+    """Local metric of one layer: ``kind`` is ``"input"``, ``"unit"`` or ``"diag"``."""
+
+    statistic_keys = frozenset({"M"})
+
+    def __init__(
+        self,
+        layer: LayerHelper,
+        *,
+        kind: str = "input",
+        unit_weight: str = "sigmoid",
+        damping_abs: float = 0.0,
+    ) -> None:
+        if kind not in ("input", "unit", "diag"):
+            raise ValueError(f"SNGDBlock kind must be input, unit or diag, got {kind!r}")
+        if unit_weight not in UNIT_WEIGHTS:
+            raise ValueError(
+                f"optimizer.unit_weight must be one of {', '.join(UNIT_WEIGHTS)}, "
+                f"got {unit_weight!r}"
+            )
+        super().__init__(layer)
+        self.kind = "diag" if layer.diagonal_input else kind
+        self.unit_weight = unit_weight
+        self.damping_abs = float(damping_abs)
+        self.n = layer.in_dim
+        # the shared metric builds its bias row from column sums (no copy of the input)
+        self.homogeneous_input = self.kind == "unit"
+
+    # -- statistics ---------------------------------------------------------------
+    def update_stats(self, a: Tensor, g: Tensor) -> None:
+        N = a.shape[0]
+        if self.kind == "diag":
+            counts = torch.bincount(a.reshape(-1), minlength=self.n).to(self.dtype)
+            self.accumulate("M", counts, rows=a.numel(), examples=N)
+            return
+        rows = a.reshape(-1, a.shape[-1]).to(self.dtype)
+        if self.kind == "input":
+            self.accumulate("M", self._input_gram(rows), rows=rows.shape[0], examples=N)
+            return
+        w = self.layer.weight_matrix().to(self.dtype)  # the forward's weights (step not taken)
+        psi = torch.sigmoid(rows @ w.t()).pow(2) if self.unit_weight == "sigmoid" else None
+        self.accumulate("M", self._unit_gram(rows, psi), rows=rows.shape[0], examples=N)
+
+    def _input_gram(self, x: Tensor) -> Tensor:
+        g = x.t() @ x
+        if not self.layer.has_bias:
+            return g
+        s = x.sum(0)
+        full = g.new_empty(self.n, self.n)
+        full[:-1, :-1] = g
+        full[:-1, -1] = s
+        full[-1, :-1] = s
+        full[-1, -1] = x.shape[0]
+        return full
+
+    def _unit_gram(self, x: Tensor, psi: Tensor | None) -> Tensor:
+        """``Σ_r ψ_{r,j} x̃_r x̃_rᵀ`` for every unit ``j`` -> ``(m, n, n)``."""
+        n, m = self.n, self.layer.out_dim
+        if psi is None:  # ψ ≡ 1: every unit has the shared metric
+            return (x.t() @ x).expand(m, n, n).clone()
+        iu, ju = torch.triu_indices(n, n, device=x.device)
+        tri = x.new_zeros(m, iu.numel())
+        step = max(1, _CHUNK_ELEMS // max(1, iu.numel()))
+        for s in range(0, x.shape[0], step):
+            xc = x[s : s + step]
+            tri += psi[s : s + step].t() @ (xc[:, iu] * xc[:, ju])
+        full = x.new_empty(m, n, n)
+        full[:, iu, ju] = tri
+        full[:, ju, iu] = tri
+        return full
+
+    def commit_stats(self, decay: float) -> None:
+        sums, rows, _ = self.take_pending()
+        self.ema("M", sums["M"] / max(rows, 1), decay)
+
+    # -- refresh ------------------------------------------------------------------------
+    def refresh_cost(self) -> float:
+        if self.kind == "diag":
+            return float(self.n)
+        units = self.layer.out_dim if self.kind == "unit" else 1
+        return float(units * self.n**3)
+
+    def shifts(self, damping: float) -> Tensor:
+        """``ε_rel·tr M + ε_abs`` per metric (a scalar tensor, or ``(m,)`` per unit)."""
+        M = self.tensors["M"]
+        tr = M.sum() if self.kind == "diag" else M.diagonal(dim1=-2, dim2=-1).sum(-1)
+        return damping * tr + self.damping_abs
+
+    def damped_metric(self, damping: float) -> Tensor:
+        """``M + (ε_rel tr M + ε_abs) I`` (vector for ``diag``, ``(m, n, n)`` for ``unit``)."""
+        M, shift = self.tensors["M"], self.shifts(damping)
+        if self.kind == "diag":
+            return M + shift
+        eye = torch.eye(self.n, dtype=M.dtype, device=M.device)
+        return M + shift[..., None, None] * eye
+
+    def refresh(self, damping: float) -> bool:
+        if "M" not in self.tensors:
+            return True
+        damped = self.damped_metric(damping)
+        if self.kind == "diag":
+            if not bool(torch.isfinite(damped).all()) or bool((damped <= 0).any()):
+                return False
+            inv = 1.0 / damped
+        elif self.kind == "unit":
+            inv = batched_spd_inverse(damped)
+        else:
+            inv = safe_inv(damped)
+        if inv is None:
+            return False
+        self.tensors["Minv"] = inv
+        self.ready = True
+        return True
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        inv = self.tensors["Minv"]
+        if self.kind == "diag":
+            return grad * inv
+        if self.kind == "unit":
+            return torch.bmm(inv, grad.unsqueeze(-1)).squeeze(-1)
+        return grad @ inv
+
+
+class SNGD(CurvatureOptimizer):
+    """SNGD (see the module docstring); ``stat_decay`` is per iteration."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mode: str = "rfim",
+        conv_mode: str = "input",
+        unit_weight: str = "sigmoid",
+        first_last_shared: bool = True,
+        damping_abs: float = 0.0,
+        stat_decay: float = 0.995,
+        **kwargs,
+    ) -> None:
+        for key, value, valid in (
+            ("mode", mode, MODES),
+            ("conv_mode", conv_mode, CONV_MODES),
+            ("unit_weight", unit_weight, UNIT_WEIGHTS),
+        ):
+            if value not in valid:
+                raise ValueError(
+                    f"optimizer.{key} must be one of {', '.join(valid)}, got {value!r}"
+                )
+        ok = isinstance(damping_abs, (int, float)) and not isinstance(damping_abs, bool)
+        if not ok or math.isnan(damping_abs) or damping_abs < 0:
+            raise ValueError(f"optimizer.damping_abs must be a number >= 0, got {damping_abs!r}")
+        if not isinstance(stat_decay, (int, float)) or not 0 <= stat_decay < 1:
+            raise ValueError(f"optimizer.stat_decay must be in [0, 1), got {stat_decay!r}")
+        self.mode = mode
+        self.conv_mode = conv_mode
+        self.unit_weight = unit_weight
+        self.first_last_shared = bool(first_last_shared)
+        self.damping_abs = float(damping_abs)
+        self.stat_decay_per_step = float(stat_decay)
+        every = kwargs.get("stat_every", 10)
+        kwargs["stat_every"] = every
+        kwargs.setdefault("damping", 1e-4)
+        kwargs.setdefault("kl_clip", None)
+        if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
+            stat_decay = float(stat_decay) ** every
+        super().__init__(model, stat_decay=stat_decay, **kwargs)
+
+    def _kind(self, layer: LayerHelper) -> str:
+        order = list(self.layers)  # set by the base class before the blocks are made
+        ends = {order[0], order[-1]} if order else set()
+        if self.mode == "input" or (self.first_last_shared and layer.name in ends):
+            return "input"
+        if layer.kind == "conv2d":
+            return "unit" if self.conv_mode == "unit" else "input"
+        return "unit"
+
+    def make_block(self, layer: LayerHelper) -> SNGDBlock:
+        return SNGDBlock(
+            layer,
+            kind=self._kind(layer),
+            unit_weight=self.unit_weight,
+            damping_abs=self.damping_abs,
+        )
+
+
+def build_sngd(
+    model: nn.Module,
+    *,
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    damping: float = 1e-4,
+    damping_abs: float = 0.0,
+    mode: str = "rfim",
+    conv_mode: str = "input",
+    unit_weight: str = "sigmoid",
+    first_last_shared: bool = True,
+    stat_every: Schedule = 10,
+    inv_every: Schedule = 100,
+    stat_decay: float = 0.995,
+    kl_clip: float | None = None,
+    loss_average: str = "batch",
+    skip_layers: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+) -> SNGD:
+    return SNGD(
+        model,
+        lr=lr,
+        momentum=momentum,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        damping=damping,
+        damping_abs=damping_abs,
+        mode=mode,
+        conv_mode=conv_mode,
+        unit_weight=unit_weight,
+        first_last_shared=first_last_shared,
+        stat_every=stat_every,
+        inv_every=inv_every,
+        stat_decay=stat_decay,
+        kl_clip=kl_clip,
+        loss_average=loss_average,
+        skip_layers=skip_layers,
+        layers=layers,
+    )
+
+
+register(
+    OptimizerSpec(
+        name="sngd",
+        factory=build_sngd,
+        description="SNGD: per-unit / shared-input local Fisher (reconstructed-network NGD)",
+        paper="Liu, Boumaraf, Li, Lin, Liu, Niu & Werghi, arXiv 2412.07441",
+        needs_model=True,
+        curvature=True,
+        sampled_fisher=False,
+    )
+)

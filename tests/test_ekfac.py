@@ -1,0 +1,377 @@
+"""EKFAC (optimizers/ekfac.py, optimizers/_eigencorrect.py): ALGORITHMS.md §2.7 and §10 #7
+against torch.func dense empirical-Fisher references (float64, tiny layers)."""
+
+from __future__ import annotations
+
+import inspect
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from optimizers import build_optimizer, get_spec
+from optimizers._eigencorrect import projected_second_moment
+from optimizers._layers import make_helper
+from optimizers.ekfac import EKFAC, build_ekfac
+from optimizers.kfac import KFAC
+
+DT = torch.float64
+ROOT = Path(__file__).resolve().parents[1]
+BASE = dict(kl_clip=None, momentum=0.0, stat_every=1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+
+
+def conv_net():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 2, stride=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).to(DT)
+
+
+def data(model, n):
+    if isinstance(model[0], nn.Conv2d):
+        return torch.randn(n, 2, 4, 4, dtype=DT), torch.randint(0, 3, (n,))
+    return torch.randn(n, 3, dtype=DT), torch.randint(0, 3, (n,))
+
+
+def per_example_matrices(model, x, y) -> dict[str, torch.Tensor]:
+    """``(N, m, n)`` per-example gradients of each Linear/Conv2d in the ``[W | b]`` layout."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    model.eval()  # the optimizer's hooks capture only in training mode
+    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    model.train()
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            pre = f"{name}." if name else ""
+            w = g[pre + "weight"].reshape(x.shape[0], mod.weight.shape[0], -1)
+            if mod.bias is not None:
+                w = torch.cat([w, g[pre + "bias"].unsqueeze(2)], 2)
+            out[name] = w
+    return out
+
+
+def dense_ef(pe: torch.Tensor) -> torch.Tensor:
+    v = pe.reshape(pe.shape[0], -1)
+    return v.T @ v / pe.shape[0]
+
+
+def kfe(block) -> torch.Tensor:
+    """Row-major Kronecker eigenbasis ``Q_G ⊗ Q_A`` (matches ``vec_r(Q_Gᵀ V Q_A)``)."""
+    return torch.kron(block.tensors["QG"], block.tensors["QA"])
+
+
+def run(model, opt, x, y, steps):
+    grads = []
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+    return grads
+
+
+# --------------------------------------------------------------------------- §2.7.1
+@pytest.mark.parametrize("make", [mlp, conv_net])
+def test_exact_scalings_equal_diag_of_projected_dense_ef(make):
+    model = make()
+    x, y = data(model, 7)
+    opt = EKFAC(model, lr=0.0, inv_every=100, **BASE)
+    run(model, opt, x, y, 2)  # step 0: basis; step 1 (lr 0: same weights): first estimate
+    pe = per_example_matrices(model, x, y)
+    for name, block in opt.blocks.items():
+        assert block.meta["scale_updates"] == 1
+        Q = kfe(block)
+        ref = torch.diagonal(Q.T @ dense_ef(pe[name]) @ Q).reshape(block.m, block.n)
+        torch.testing.assert_close(block.tensors["s"], ref)
+        torch.testing.assert_close(block.tensors["scale"], 1.0 / (ref + 1e-2))
+
+
+def test_single_example_ekfac_equals_kfac_and_scalings_equal_kronecker_eigenvalues():
+    x, y = data(mlp(), 1)
+    runs = {}
+    for cls in (EKFAC, KFAC):
+        torch.manual_seed(1)
+        model = mlp()
+        opt = cls(model, lr=0.0, inv_every=100, damping=0.05, **BASE)
+        runs[cls] = (opt, run(model, opt, x, y, 3))
+    ek, kf = runs[EKFAC], runs[KFAC]
+    for block in ek[0].blocks.values():
+        assert block.meta["scale_updates"] == 2
+        torch.testing.assert_close(block.tensors["s"], block.kfac_eigenvalues())
+    for ge, gk in zip(ek[1][-1], kf[1][-1], strict=True):
+        torch.testing.assert_close(ge, gk)
+
+
+@pytest.mark.parametrize("make", [mlp, conv_net])
+def test_direction_equals_kfac_right_after_basis_recompute_and_differs_between(make):
+    x, y = data(make(), 6)
+    runs = {}
+    for cls in (EKFAC, KFAC):
+        torch.manual_seed(1)
+        model = make()
+        opt = cls(model, lr=0.0, inv_every=3, **BASE)
+        runs[cls] = run(model, opt, x, y, 5)
+    for k in range(5):
+        same = all(
+            torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+            for a, b in zip(runs[EKFAC][k], runs[KFAC][k], strict=True)
+        )
+        # steps 0 and 3 recompute the basis (scalings reset); 1, 2, 4 use corrected scalings
+        assert same == (k in (0, 3)), k
+
+
+def test_exact_scalings_differ_from_kronecker_eigenvalues_for_several_examples():
+    model = mlp()
+    x, y = data(model, 8)
+    opt = EKFAC(model, lr=0.0, inv_every=100, **BASE)
+    run(model, opt, x, y, 2)
+    for block in opt.blocks.values():
+        s, k = block.tensors["s"], block.kfac_eigenvalues()
+        assert (s - k).norm() > 0.05 * k.norm()
+
+
+# --------------------------------------------------------------------------- §2.7.3
+@pytest.mark.parametrize("make", [mlp, conv_net])
+def test_frobenius_error_not_larger_than_kfac(make):
+    model = make()
+    x, y = data(model, 9)
+    opt = EKFAC(model, lr=0.0, inv_every=100, stat_decay=0.0, **BASE)
+    run(model, opt, x, y, 2)  # same batch twice: A, G are this batch's factors
+    pe = per_example_matrices(model, x, y)
+    for name, block in opt.blocks.items():
+        Fd = dense_ef(pe[name])
+        A, G, T = block.factors()
+        Q = kfe(block)
+        ek = Q @ torch.diag(block.tensors["s"].reshape(-1)) @ Q.T
+        err_ek = (Fd - ek).norm()
+        err_kf = (Fd - T * torch.kron(G, A)).norm()
+        assert err_ek <= err_kf * (1 + 1e-10)
+        assert err_ek < 0.999 * err_kf  # strictly better on this data
+
+
+# --------------------------------------------------------------------------- batched paths
+def _loop_reference(a_h, g, qa, qg):
+    """Per-example loop: Σ_n (Q_Gᵀ (Σ_t g_{n,t} ā_{n,t}ᵀ) Q_A)²."""
+    out = torch.zeros(qg.shape[0], qa.shape[0], dtype=DT)
+    for n in range(g.shape[0]):
+        out += (qg.T @ (g[n].T @ a_h[n]) @ qa).square()
+    return out
+
+
+def _orth(k):
+    return torch.linalg.qr(torch.randn(k, k, dtype=DT))[0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_projected_second_moment_batched_paths_equal_loop(bias):
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=bias).to(DT)
+    h = make_helper("c", conv)
+    x = torch.randn(5, 3, 6, 6, dtype=DT)
+    a = h.input_rows(x, homogeneous=False)  # (N, T, n-1) without the bias column
+    a_h = h.input_rows(x)
+    g = torch.randn(5, a.shape[1], 4, dtype=DT)
+    qa, qg = _orth(h.in_dim), _orth(4)
+    ref = _loop_reference(a_h, g, qa, qg)
+    for path in ("rows", "grads", "auto"):
+        for chunk in (1 << 22, 2 * 4 * h.in_dim):  # one chunk, and chunks of two examples
+            got = projected_second_moment(
+                a, g, qa, qg, n=h.in_dim, has_bias=bias, path=path, chunk_elements=chunk
+            )
+            torch.testing.assert_close(got, ref)
+
+
+def test_linear_and_embedding_projected_second_moment_equal_loop():
+    # Linear with several tokens per example (loss averaged over the batch)
+    a = torch.randn(4, 3, 5, dtype=DT)
+    g = torch.randn(4, 3, 2, dtype=DT)
+    qa, qg = _orth(6), _orth(2)
+    a_h = torch.cat([a, torch.ones(4, 3, 1, dtype=DT)], 2)
+    ref = _loop_reference(a_h, g, qa, qg)
+    torch.testing.assert_close(projected_second_moment(a, g, qa, qg, n=6, has_bias=True), ref)
+    ref1 = _loop_reference(a_h[:, :1], g[:, :1], qa, qg)
+    torch.testing.assert_close(
+        projected_second_moment(a[:, :1], g[:, :1], qa, qg, n=6, has_bias=True), ref1
+    )
+    # Embedding: repeated tokens within an example add up before squaring
+    ids = torch.tensor([[0, 2, 2], [1, 1, 4], [3, 0, 0]])
+    onehot = F.one_hot(ids, 5).to(DT)
+    g = torch.randn(3, 3, 2, dtype=DT)
+    ref = _loop_reference(onehot, g, torch.eye(5, dtype=DT), qg)
+    torch.testing.assert_close(projected_second_moment(ids, g, None, qg, n=5, has_bias=False), ref)
+
+
+def test_embedding_layer_scalings_match_dense_ef():
+    emb = nn.Embedding(6, 3).to(DT)
+    head = nn.Linear(3, 2).to(DT)
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(6, 3).to(DT), nn.Tanh(), head)
+    ids = torch.randint(0, 6, (7, 2))
+    y = torch.randint(0, 2, (7,))
+    opt = EKFAC(model, lr=0.0, inv_every=100, layers=["0"], **BASE)
+    run(model, opt, ids, y, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    model.eval()
+    pe = vmap(grad(one), in_dims=(None, 0, 0))(params, ids, y)["0.weight"].transpose(1, 2)
+    block = opt.blocks["0"]
+    QG = block.tensors["QG"]
+    ref = (QG.T @ pe).square().mean(0)  # Q_A = I
+    torch.testing.assert_close(block.tensors["s"], ref)
+
+
+# --------------------------------------------------------------------------- options
+def test_running_average_mode_uses_batch_gradient_times_n():
+    model = mlp()
+    x, y = data(model, 5)
+    opt = EKFAC(model, lr=0.0, inv_every=100, scalings="ra", scale_decay=0.75, **BASE)
+    run(model, opt, x, y, 1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    V = {n: h.grad_matrix().clone() for n, h in opt.layers.items()}
+    opt.step()
+    for name, block in opt.blocks.items():
+        QG, QA = block.tensors["QG"], block.tensors["QA"]
+        # ra: s <- β·(K-FAC eigenvalues) + (1-β)·N·(Q_Gᵀ V Q_A)², β = scale_decay = 0.75
+        ref = 0.75 * block.kfac_eigenvalues() + 0.25 * 5 * (QG.T @ V[name] @ QA).square()
+        torch.testing.assert_close(block.tensors["s"], ref)
+        P = QG @ ((QG.T @ V[name] @ QA) / (ref + 1e-2)) @ QA.T
+        torch.testing.assert_close(opt.layers[name].grad_matrix(), P)
+        # calling precondition outside step() has no side effect
+        block.precondition(V[name])
+        assert block.meta["scale_updates"] == 1
+
+
+def test_scale_every_decouples_scalings_from_factor_statistics():
+    model = mlp()
+    x, y = data(model, 6)
+    opt = EKFAC(model, lr=0.05, inv_every=100, stat_every=4, scale_every=1, kl_clip=None)
+    As, updates = [], []
+    for _ in range(6):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        As.append(opt.blocks["2"].tensors["A"].clone())  # input of layer 2 moves
+        updates.append(opt.blocks["2"].meta["scale_updates"])
+    assert torch.equal(As[1], As[2]) and torch.equal(As[2], As[3])
+    assert not torch.equal(As[3], As[4])  # step 4 is a statistic step
+    assert updates == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "mode,expect", [("exact", 2.1), ("ra", ((7 * 0.6 + 0.4) * 0.6 + 0.8) * 0.6 + 1.2)]
+)
+def test_scaling_average_after_a_reset(mode, expect):
+    block = EKFAC(mlp(), scalings=mode, scale_decay=0.6, **BASE).blocks["0"]
+    block.reset_scalings(torch.full((4, 4), 7.0, dtype=DT), 0.1)
+    for v in (1.0, 2.0, 3.0):
+        block._update_scalings(torch.full((4, 4), v, dtype=DT))
+    # exact, β_k = min(1 - 1/k, 0.6): k=1 replaces (1), k=2 mean (1.5), k=3 0.6·1.5 + 0.4·3
+    # ra, β = 0.6 from the reset value 7: ((7·.6 + .4)·.6 + .8)·.6 + 1.2
+    full = torch.full((4, 4), expect, dtype=DT)
+    torch.testing.assert_close(block.tensors["s"], full)
+    torch.testing.assert_close(block.tensors["scale"], 1.0 / (full + 0.1))
+
+
+def test_state_dict_round_trip_continues_identically():
+    x, y = data(conv_net(), 6)
+    torch.manual_seed(3)
+    net = conv_net()
+    kw = dict(lr=0.05, momentum=0.9, stat_every=2, inv_every=4, kl_clip=1e-2)
+    opt = EKFAC(net, **kw)
+    run(net, opt, x, y, 7)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    net2 = conv_net()
+    net2.load_state_dict(ck["model"])
+    opt2 = EKFAC(net2, **kw)
+    opt2.load_state_dict(ck["opt"])
+    assert opt2.steps_taken == 7
+    for n, b in opt.blocks.items():
+        assert set(b.tensors) >= {"A", "G", "QA", "QG", "s", "scale"}
+        for k, v in b.tensors.items():
+            assert torch.equal(v, opt2.blocks[n].tensors[k]), (n, k)
+        assert b.meta == opt2.blocks[n].meta
+    run(net, opt, x, y, 5)
+    run(net2, opt2, x, y, 5)
+    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert opt.memory_usage()["s"] > 0
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(scalings="bogus"), "optimizer.scalings"),
+        (dict(scale_decay=1.0), "optimizer.scale_decay"),
+        (dict(scale_decay=-0.1), "optimizer.scale_decay"),
+        (dict(scale_every=0), "optimizer.scale_every"),
+        (dict(damping=-1.0), "optimizer.damping"),
+        (dict(fisher="x"), "optimizer.fisher"),
+    ],
+)
+def test_bad_inputs_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        build_ekfac(mlp(), **kw)
+    with pytest.raises(ValueError, match=match):
+        build_optimizer("ekfac", mlp(), **kw)
+
+
+def test_trains_tiny_conv_net_and_mc_fisher_runs():
+    x, y = data(conv_net(), 16)
+    for kw in (dict(), dict(scalings="ra", scale_decay=0.75), dict(fisher="mc")):
+        torch.manual_seed(2)
+        net = conv_net()
+        opt = EKFAC(net, lr=0.1, stat_every=2, inv_every=4, **kw)
+        first = F.cross_entropy(net(x), y).item()
+        for _ in range(25):
+            opt.zero_grad()
+            out = net(x)
+            if opt.needs_sampled_backward():
+                with opt.sampled_backward():
+                    ys = torch.distributions.Categorical(logits=out.detach()).sample()
+                    F.cross_entropy(out, ys).backward(retain_graph=True)
+            F.cross_entropy(out, y).backward()
+            opt.step()
+        assert F.cross_entropy(net(x), y).item() < 0.5 * first, kw
+        assert set(opt.phase_times()) >= {"statistics", "inverse", "precondition"}
+
+
+def test_registry_and_config_defaults_match_factory():
+    spec = get_spec("ekfac")
+    assert spec.needs_model and spec.curvature and spec.sampled_fisher
+    cfg = yaml.safe_load((ROOT / "configs/optimizer/ekfac.yaml").read_text())
+    assert cfg["name"] == "ekfac"
+    keys = set(cfg) - {"name"}
+    assert keys == set(spec.hparams)
+    defaults = {k: p.default for k, p in inspect.signature(build_ekfac).parameters.items()}
+    for k in keys:
+        assert cfg[k] == defaults[k] or (cfg[k] == [] and defaults[k] is None), k
+    opt = build_optimizer(cfg, mlp())
+    assert isinstance(opt, EKFAC) and opt.stat_every == 10 and opt.inv_every == 100
+    assert opt.scalings == "exact" and opt.scale_every is None

@@ -1,0 +1,266 @@
+"""SNGD (optimizers/sngd.py): ALGORITHMS.md §5.5 and §10 #16."""
+
+from __future__ import annotations
+
+import inspect
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from optimizers import build_optimizer, get_spec
+from optimizers.sngd import SNGD, build_sngd, denman_beavers
+
+DT = torch.float64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def sngd(model, **kw):
+    for k, v in dict(stat_every=1, inv_every=1, momentum=0.0, lr=0.0).items():
+        kw.setdefault(k, v)
+    return SNGD(model, **kw)
+
+
+def homog(x):
+    return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1)
+
+
+def inv_sqrt(m):
+    d, q = torch.linalg.eigh(m)
+    return (q * d.rsqrt().unsqueeze(-2)) @ q.transpose(-1, -2)
+
+
+# --------------------------------------------------------------------------- §5.5.1
+@pytest.mark.parametrize("mode", ["input", "rfim"])
+def test_sgd_on_reparametrized_layer_equals_preconditioned_step(mode):
+    lin = nn.Linear(3, 4).to(DT)
+    x, y = torch.randn(7, 3, dtype=DT), torch.randint(0, 4, (7,))
+    lr, eps = 0.4, 1e-2
+    W = torch.cat([lin.weight.detach(), lin.bias.detach()[:, None]], 1).clone()
+    opt = sngd(lin, lr=lr, damping=eps, mode=mode, first_last_shared=False)
+    F.cross_entropy(lin(x), y).backward()
+    opt.step()
+    block = opt.blocks[""]
+    xt = homog(x)
+    # the metric itself, from its definition
+    if mode == "input":
+        assert block.kind == "input"
+        torch.testing.assert_close(block.tensors["M"], xt.T @ xt / 7)
+    else:
+        assert block.kind == "unit"
+        psi = torch.sigmoid(xt @ W.T).pow(2)  # σ(h)² of the layer's own pre-activation
+        torch.testing.assert_close(
+            block.tensors["M"], torch.einsum("nj,nk,nl->jkl", psi, xt, xt) / 7
+        )
+    Md = block.damped_metric(eps)
+    R = inv_sqrt(Md)  # M^{-1/2}: (n, n), or one per output unit (m, n, n)
+    # the reconstructed layer: W = W' M^{-1/2} (row by row for per-unit metrics)
+    if mode == "input":
+        Wp = (W @ torch.linalg.inv(R)).requires_grad_(True)
+        W_of = lambda wp: wp @ R  # noqa: E731
+    else:
+        Wp = torch.einsum("jk,jkl->jl", W, torch.linalg.inv(R)).requires_grad_(True)
+        W_of = lambda wp: torch.einsum("jk,jkl->jl", wp, R)  # noqa: E731
+    loss = F.cross_entropy(xt @ W_of(Wp).T, y)
+    (gp,) = torch.autograd.grad(loss, Wp)
+    W_new = W_of(Wp.detach() - lr * gp)
+    got = torch.cat([lin.weight.detach(), lin.bias.detach()[:, None]], 1)
+    torch.testing.assert_close(got, W_new)
+
+
+# --------------------------------------------------------------------------- §5.5.3
+def test_per_unit_metric_single_example_sherman_morrison():
+    lin = nn.Linear(4, 3).to(DT)
+    x, y = torch.randn(1, 4, dtype=DT), torch.randint(0, 3, (1,))
+    eps_rel, eps_abs = 1e-9, 0.3
+    opt = sngd(
+        lin,
+        mode="rfim",
+        unit_weight="one",
+        first_last_shared=False,
+        damping=eps_rel,
+        damping_abs=eps_abs,
+    )
+    F.cross_entropy(lin(x), y).backward()
+    V = opt.layers[""].grad_matrix()
+    opt.step()
+    xt = homog(x)[0]
+    g = V[:, -1]  # ∇W_j = g_j x̃ᵀ
+    shift = eps_rel * xt.dot(xt) + eps_abs  # ε_rel·tr M + ε_abs, tr M = ‖x̃‖²
+    expect = torch.outer(g, xt) / (xt.dot(xt) + shift)
+    torch.testing.assert_close(opt.blocks[""].precondition(V), expect)
+
+
+# --------------------------------------------------------------------------- §5.5.2
+def test_denman_beavers_matches_eigh():
+    a = torch.randn(6, 6, dtype=DT)
+    m = a @ a.T + 0.5 * torch.eye(6, dtype=DT)
+    root, inv_root = denman_beavers(m)
+    d, q = torch.linalg.eigh(m)
+    torch.testing.assert_close(root, (q * d.sqrt()) @ q.T)
+    torch.testing.assert_close(inv_root, (q * d.rsqrt()) @ q.T)
+    batch = torch.stack([m, m + torch.eye(6, dtype=DT)])
+    torch.testing.assert_close(denman_beavers(batch)[1], inv_sqrt(batch))
+
+
+# --------------------------------------------------------------------------- layers
+def test_conv_metrics_from_unfolded_patches():
+    conv = nn.Conv2d(2, 3, 2, padding=1).to(DT)
+    x = torch.randn(4, 2, 3, 3, dtype=DT)
+    for conv_mode in ("input", "unit"):
+        opt = sngd(conv, conv_mode=conv_mode, first_last_shared=False)
+        out = conv(x)
+        out.pow(2).mean().backward()
+        opt.step()
+        patches = homog(F.unfold(x, 2, padding=1).transpose(1, 2)).reshape(-1, 9)  # (N·T, n)
+        block = opt.blocks[""]
+        if conv_mode == "input":
+            ref = patches.T @ patches / patches.shape[0]
+        else:
+            h = out.detach().permute(0, 2, 3, 1).reshape(-1, 3)  # the conv's own output
+            psi = torch.sigmoid(h).pow(2)
+            ref = torch.einsum("rj,rk,rl->jkl", psi, patches, patches) / patches.shape[0]
+        assert block.kind == conv_mode
+        torch.testing.assert_close(block.tensors["M"], ref)
+        opt.remove_hooks()
+        conv.zero_grad()
+
+
+def test_first_and_last_layers_use_the_shared_metric():
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+        nn.ReLU(),
+        nn.Linear(5, 6),
+        nn.ReLU(),
+        nn.Linear(6, 2),
+    ).to(DT)
+    kinds = {n: b.kind for n, b in sngd(net).blocks.items()}
+    assert kinds == {"0": "input", "3": "unit", "5": "unit", "7": "input"}
+    kinds = {
+        n: b.kind for n, b in sngd(net, conv_mode="unit", first_last_shared=False).blocks.items()
+    }
+    assert kinds == {"0": "unit", "3": "unit", "5": "unit", "7": "unit"}
+    assert {b.kind for b in sngd(net, mode="input").blocks.values()} == {"input"}
+
+
+def test_embedding_diagonal_metric():
+    net = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2)).to(DT)
+    idx, y = torch.tensor([[0, 1], [1, 1], [4, 0]]), torch.randint(0, 2, (3,))
+    eps = 0.1
+    opt = sngd(net, damping=eps, damping_abs=0.05)
+    F.cross_entropy(net(idx), y).backward()
+    V = opt.layers["0"].grad_matrix()
+    opt.step()
+    counts = torch.tensor([2.0, 3.0, 0.0, 0.0, 1.0], dtype=DT) / 6
+    torch.testing.assert_close(opt.blocks["0"].tensors["M"], counts)
+    torch.testing.assert_close(opt.blocks["0"].precondition(V), V / (counts + eps * 1.0 + 0.05))
+
+
+def test_stat_decay_is_per_iteration():
+    lin = nn.Linear(3, 2).to(DT)
+    xs = [torch.randn(5, 3, dtype=DT) for _ in range(3)]
+    opt = sngd(lin, stat_every=2, inv_every=2, stat_decay=0.9, mode="input")
+    for x in xs:
+        opt.zero_grad()
+        lin(x).pow(2).mean().backward()
+        opt.step()
+    m0, m2 = (homog(xs[k]).T @ homog(xs[k]) / 5 for k in (0, 2))
+    torch.testing.assert_close(opt.blocks[""].tensors["M"], 0.81 * m0 + 0.19 * m2)
+
+
+# --------------------------------------------------------------------------- state / errors
+def _net():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(75, 8),
+        nn.ReLU(),
+        nn.Linear(8, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    ).to(DT)
+
+
+def _train(net, opt, x, y, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_training_and_fallback():
+    x, y = torch.randn(8, 2, 5, 5, dtype=DT), torch.randint(0, 3, (8,))
+    net = _net()
+    kw = dict(lr=0.05, stat_every=2, inv_every=4, damping=1e-3, momentum=0.0)
+    opt = SNGD(net, **kw)
+    first = F.cross_entropy(net(x), y).item()
+    _train(net, opt, x, y, 5)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    net2 = _net()
+    net2.load_state_dict(ck["model"])
+    opt2 = SNGD(net2, **kw)
+    opt2.load_state_dict(ck["opt"])
+    assert opt2.steps_taken == 5
+    _train(net, opt, x, y, 15)
+    _train(net2, opt2, x, y, 15)
+    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert F.cross_entropy(net(x), y).item() < 0.5 * first
+    # conv (first): shared 19²; hidden Linear: 8 units × 76² and 8 × 9²; last: shared 9²
+    assert opt.memory_usage()["Minv"] == (19**2 + 8 * 76**2 + 8 * 9**2 + 9**2) * 8
+    # a failed inverse keeps the previous one
+    old = opt.blocks["5"].tensors["Minv"].clone()
+    opt.blocks["5"].tensors["M"].fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match="failed"):
+        _train(net, opt, x, y, 4)
+    assert torch.equal(opt.blocks["5"].tensors["Minv"], old)
+
+
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        ({"damping": 0.0}, "damping"),
+        ({"damping": -1e-4}, "damping"),
+        ({"damping_abs": -1.0}, "damping_abs"),
+        ({"stat_every": 0}, "stat_every"),
+        ({"inv_every": 0}, "inv_every"),
+        ({"stat_decay": 1.0}, "stat_decay"),
+        ({"mode": "full"}, "mode"),
+        ({"conv_mode": "kernel"}, "conv_mode"),
+        ({"unit_weight": "relu"}, "unit_weight"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_key(kw, key):
+    with pytest.raises(ValueError, match=f"optimizer.{key}"):
+        build_sngd(nn.Linear(2, 2), **kw)
+
+
+def test_registry_and_config_defaults_match_factory():
+    spec = get_spec("sngd")
+    assert spec.needs_model and spec.curvature and not spec.sampled_fisher
+    cfg = yaml.safe_load((ROOT / "configs/optimizer/sngd.yaml").read_text())
+    assert cfg["name"] == "sngd" and set(cfg) - {"name"} == set(spec.hparams)
+    defaults = {
+        k: p.default for k, p in inspect.signature(build_sngd).parameters.items() if k != "model"
+    }
+    for k in spec.hparams:
+        assert cfg[k] == defaults[k] or (cfg[k] == [] and defaults[k] is None), k
+    opt = build_optimizer(cfg, nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)))
+    assert isinstance(opt, SNGD) and opt.stat_every == 10
+    assert opt.stat_decay == pytest.approx(0.995**10)

@@ -1,0 +1,357 @@
+"""TKFAC and TEKFAC (optimizers/tkfac.py, optimizers/tekfac.py): ALGORITHMS.md §3.5 and §10 #8
+against torch.func dense empirical-Fisher references and closed forms (float64, tiny layers)."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from optimizers import build_optimizer, get_spec
+from optimizers._layers import make_helper
+from optimizers.tekfac import TEKFAC, build_tekfac
+from optimizers.tkfac import TKFAC, TKFACBlock, build_tkfac
+
+DT = torch.float64
+ROOT = Path(__file__).resolve().parents[1]
+BASE = dict(kl_clip=None, momentum=0.0, stat_every=1)
+FORMS = ("weighted", "normalized")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def mlp(bias=True):
+    return nn.Sequential(nn.Linear(3, 4, bias=bias), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+
+
+def conv_net():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 2, stride=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).to(DT)
+
+
+def per_example_matrices(model, x, y) -> dict[str, torch.Tensor]:
+    """``(N, m, n)`` per-example gradients of each Linear in the ``[W | b]`` layout."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    model.eval()  # the optimizer's hooks capture only in training mode
+    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    model.train()
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            w = g[f"{name}.weight"]
+            if mod.bias is not None:
+                w = torch.cat([w, g[f"{name}.bias"].unsqueeze(2)], 2)
+            out[name] = w
+    return out
+
+
+def dense_ef(pe):
+    v = pe.reshape(pe.shape[0], -1)
+    return v.T @ v / pe.shape[0]
+
+
+def run(model, opt, x, y, steps):
+    grads = []
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+    return grads
+
+
+def stats_of(model, x, y, **kw):
+    opt = TKFAC(model, lr=0.0, **BASE, **kw)
+    run(model, opt, x, y, 1)
+    return opt
+
+
+# --------------------------------------------------------------------------- §3.5.1 / 3
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_trace_identity_against_dense_ef(form, bias):
+    model = mlp(bias)
+    x, y = torch.randn(9, 3, dtype=DT), torch.randint(0, 3, (9,))
+    opt = stats_of(model, x, y, trace_form=form)
+    pe = per_example_matrices(model, x, y)
+    for name, block in opt.blocks.items():
+        phi, psi, delta = block.factors()
+        assert phi.trace() == pytest.approx(1.0) and psi.trace() == pytest.approx(1.0)
+        Fd = dense_ef(pe[name])
+        assert block.dense().trace() == pytest.approx(float(Fd.trace()), rel=1e-10)
+        assert delta == pytest.approx(float(Fd.trace()), rel=1e-10)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_single_example_equals_dense_ef_exactly(form):
+    model = mlp()
+    x, y = torch.randn(1, 3, dtype=DT), torch.randint(0, 3, (1,))
+    opt = stats_of(model, x, y, trace_form=form)
+    pe = per_example_matrices(model, x, y)
+    for name, block in opt.blocks.items():
+        torch.testing.assert_close(block.dense(), dense_ef(pe[name]))
+
+
+def test_weighted_and_normalized_readings_differ_in_general():
+    model = mlp()
+    x = torch.randn(9, 3, dtype=DT) * torch.linspace(0.2, 3, 9, dtype=DT)[:, None]
+    y = torch.randint(0, 3, (9,))
+    w = stats_of(model, x, y, trace_form="weighted").blocks["2"].factors()
+    n = stats_of(model, x, y, trace_form="normalized").blocks["2"].factors()
+    assert (w[0] - n[0]).norm() > 1e-3 * n[0].norm()
+    assert w[2] == pytest.approx(n[2])  # same δ
+
+
+# --------------------------------------------------------------------------- §3.5.2
+def test_equal_norm_examples_give_trace_normalized_kfac_factors():
+    h = make_helper("l", nn.Linear(4, 3).to(DT))
+    a = torch.randn(6, 1, 4, dtype=DT)
+    a = a / a.norm(dim=2, keepdim=True) * 1.7  # ‖ā_n‖² = 1.7² + 1 for every n
+    g = torch.randn(6, 1, 3, dtype=DT)
+    g = g / g.norm(dim=2, keepdim=True) * 0.3
+    blocks = {}
+    for form in FORMS:
+        b = TKFACBlock(h, trace_form=form)
+        b.update_stats(a, g)
+        b.commit_stats(0.95)
+        blocks[form] = b
+    a_h = torch.cat([a[:, 0], torch.ones(6, 1, dtype=DT)], 1)
+    A, G = a_h.T @ a_h / 6, g[:, 0].T @ g[:, 0] / 6
+    for b in blocks.values():
+        phi, psi, delta = b.factors()
+        torch.testing.assert_close(phi, A / A.trace())
+        torch.testing.assert_close(psi, G / G.trace())
+        assert delta == pytest.approx(float(A.trace() * G.trace()))  # = c · K-FAC, c = 1 here
+
+
+# --------------------------------------------------------------------------- conv / embedding
+@pytest.mark.parametrize("form", FORMS)
+def test_conv_statistics_sum_locations_per_example(form):
+    conv = nn.Conv2d(2, 3, 3, padding=1).to(DT)
+    h = make_helper("c", conv)
+    x = torch.randn(5, 2, 4, 4, dtype=DT)
+    a_h = h.input_rows(x)  # (N, T, n)
+    g = torch.randn(5, a_h.shape[1], 3, dtype=DT)
+    b = TKFACBlock(h, trace_form=form)
+    b.update_stats(h.input_rows(x, homogeneous=False), g)
+    b.commit_stats(0.95)
+    T = a_h.shape[1]
+    lam = [a_h[n].T @ a_h[n] for n in range(5)]  # Λ_n = Σ_t ā ā ᵀ
+    gam = [g[n].T @ g[n] for n in range(5)]
+    tr = torch.stack([lam[n].trace() * gam[n].trace() for n in range(5)])
+    if form == "weighted":
+        phi = sum(gam[n].trace() * lam[n] for n in range(5)) / tr.sum()
+        psi = sum(lam[n].trace() * gam[n] for n in range(5)) / tr.sum()
+    else:
+        phi, psi = sum(lam) / sum(lam).trace(), sum(gam) / sum(gam).trace()
+    got_phi, got_psi, delta = b.factors()
+    torch.testing.assert_close(got_phi, phi)
+    torch.testing.assert_close(got_psi, psi)
+    assert delta == pytest.approx(float(tr.mean()) / T)
+    assert b.dense().trace() == pytest.approx(float(tr.mean()) / T)
+
+
+def test_embedding_factor_is_diagonal_and_trace_matches_dense_ef():
+    emb = nn.Embedding(5, 3).to(DT)
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(3, 2).to(DT))
+    ids, y = torch.randint(0, 5, (7, 1)), torch.randint(0, 2, (7,))  # one token per example
+    opt = TKFAC(model, lr=0.0, layers=["0"], **BASE)
+    run(model, opt, ids, y, 1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    model.eval()
+    pe = vmap(grad(one), in_dims=(None, 0, 0))(params, ids, y)["0.weight"].transpose(1, 2)
+    block = opt.blocks["0"]
+    assert block.tensors["Phi"].dim() == 1
+    assert block.dense().trace() == pytest.approx(float(dense_ef(pe).trace()), rel=1e-10)
+    V = torch.randn(3, 5, dtype=DT)
+    phi, psi, delta = block.factors()
+    lam = opt.param_groups[0]["damping"]
+    M = torch.kron(
+        math.sqrt(delta) * psi + math.sqrt(lam) * torch.eye(3, dtype=DT),
+        math.sqrt(delta) * torch.diag(phi) + math.sqrt(lam) * torch.eye(5, dtype=DT),
+    )
+    ref = torch.linalg.solve(M, V.reshape(-1)).reshape(3, 5)
+    torch.testing.assert_close(block.precondition(V), ref)
+
+
+# --------------------------------------------------------------------------- damping
+@pytest.mark.parametrize("conv_damping", ["standard", "trace"])
+def test_precondition_equals_damped_kron_solve(conv_damping):
+    model = conv_net()
+    x, y = torch.randn(6, 2, 4, 4, dtype=DT), torch.randint(0, 3, (6,))
+    opt = TKFAC(model, lr=0.0, damping=0.04, conv_damping=conv_damping, **BASE)
+    run(model, opt, x, y, 1)
+    for name, block in opt.blocks.items():
+        phi, psi, delta = block.factors()
+        lam = 0.04 * delta if (conv_damping == "trace" and name != "5") else 0.04
+        m, n = psi.shape[0], phi.shape[0]
+        M = torch.kron(
+            math.sqrt(delta) * psi + math.sqrt(lam) * torch.eye(m, dtype=DT),
+            math.sqrt(delta) * phi + math.sqrt(lam) * torch.eye(n, dtype=DT),
+        )
+        V = torch.randn(m, n, dtype=DT)
+        ref = torch.linalg.solve(M, V.reshape(-1)).reshape(m, n)
+        torch.testing.assert_close(block.precondition(V), ref)
+
+
+# --------------------------------------------------------------------------- TEKFAC
+@pytest.mark.parametrize("form", FORMS)
+def test_tekfac_single_example_equals_tkfac(form):
+    x, y = torch.randn(1, 3, dtype=DT), torch.randint(0, 3, (1,))
+    out = {}
+    for cls in (TEKFAC, TKFAC):
+        torch.manual_seed(1)
+        model = mlp()
+        opt = cls(model, lr=0.0, inv_every=100, damping=0.03, trace_form=form, **BASE)
+        out[cls] = (opt, run(model, opt, x, y, 3))
+    for block in out[TEKFAC][0].blocks.values():
+        assert block.meta["scale_updates"] == 2
+        d_psi, d_phi = block.tensors["dG"], block.tensors["dA"]
+        _, _, delta = block.factors()
+        torch.testing.assert_close(block.tensors["s"], delta * torch.outer(d_psi, d_phi))
+    for a, b in zip(out[TEKFAC][1][-1], out[TKFAC][1][-1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_tekfac_equals_tkfac_right_after_recompute_and_eigen_damping_differs():
+    x, y = torch.randn(7, 2, 4, 4, dtype=DT), torch.randint(0, 3, (7,))
+    out = {}
+    for key, cls, kw in (
+        ("tek", TEKFAC, {}),
+        ("tk", TKFAC, {}),
+        ("eig", TEKFAC, {"damping_style": "eigen"}),
+    ):
+        torch.manual_seed(1)
+        model = conv_net()
+        opt = cls(model, lr=0.0, inv_every=3, **BASE, **kw)
+        out[key] = run(model, opt, x, y, 5)
+
+    def same(u, v):
+        return all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(u, v, strict=True))
+
+    for k in range(5):
+        assert same(out["tek"][k], out["tk"][k]) == (k in (0, 3)), k
+        assert not same(out["eig"][k], out["tk"][k])
+
+
+def test_tekfac_exact_scalings_equal_diag_of_projected_dense_ef():
+    model = mlp()
+    x, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 3, (8,))
+    opt = TEKFAC(model, lr=0.0, inv_every=100, **BASE)
+    run(model, opt, x, y, 2)
+    pe = per_example_matrices(model, x, y)
+    for name, block in opt.blocks.items():
+        Q = torch.kron(block.tensors["QG"], block.tensors["QA"])
+        ref = torch.diagonal(Q.T @ dense_ef(pe[name]) @ Q).reshape(block.m, block.n)
+        torch.testing.assert_close(block.tensors["s"], ref)
+        _, _, delta = block.factors()
+        fresh = delta * torch.outer(block.tensors["dG"], block.tensors["dA"])
+        assert (ref - fresh).norm() > 0.01 * ref.norm()  # N > 1: a real correction
+
+
+# --------------------------------------------------------------------------- persistence etc.
+@pytest.mark.parametrize("cls", [TKFAC, TEKFAC])
+def test_state_dict_round_trip_continues_identically(cls):
+    x, y = torch.randn(6, 2, 4, 4, dtype=DT), torch.randint(0, 3, (6,))
+    torch.manual_seed(3)
+    net = conv_net()
+    kw = dict(lr=0.05, momentum=0.9, stat_every=2, inv_every=4, kl_clip=1e-2)
+    opt = cls(net, **kw)
+    run(net, opt, x, y, 7)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    net2 = conv_net()
+    net2.load_state_dict(ck["model"])
+    opt2 = cls(net2, **kw)
+    opt2.load_state_dict(ck["opt"])
+    assert opt2.steps_taken == 7
+    for n, b in opt.blocks.items():
+        assert set(b.tensors) >= {"Phi", "Psi", "trace", "T"}
+        for k, v in b.tensors.items():
+            assert torch.equal(v, opt2.blocks[n].tensors[k]), (n, k)
+    run(net, opt, x, y, 5)
+    run(net2, opt2, x, y, 5)
+    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "name,kw,match",
+    [
+        ("tkfac", dict(trace_form="exact"), "optimizer.trace_form"),
+        ("tkfac", dict(conv_damping="new"), "optimizer.conv_damping"),
+        ("tkfac", dict(damping=0.0), "optimizer.damping"),
+        ("tekfac", dict(trace_form="x"), "optimizer.trace_form"),
+        ("tekfac", dict(damping_style="x"), "optimizer.damping_style"),
+        ("tekfac", dict(scalings="x"), "optimizer.scalings"),
+        ("tekfac", dict(scale_decay=2.0), "optimizer.scale_decay"),
+        ("tekfac", dict(scale_every=-1), "optimizer.scale_every"),
+    ],
+)
+def test_bad_inputs_raise(name, kw, match):
+    factory = {"tkfac": build_tkfac, "tekfac": build_tekfac}[name]
+    with pytest.raises(ValueError, match=match):
+        factory(mlp(), **kw)
+    with pytest.raises(ValueError, match=match):
+        build_optimizer(name, mlp(), **kw)
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (TKFAC, {}),
+        (TKFAC, {"trace_form": "normalized", "conv_damping": "trace"}),
+        (TEKFAC, {}),
+        (TEKFAC, {"scalings": "ra", "scale_decay": 0.75}),
+    ],
+)
+def test_trains_tiny_conv_net(cls, kw):
+    x, y = torch.randn(16, 2, 4, 4, dtype=DT), torch.randint(0, 3, (16,))
+    torch.manual_seed(2)
+    net = conv_net()
+    opt = cls(net, lr=0.1, stat_every=2, inv_every=4, **kw)
+    first = F.cross_entropy(net(x), y).item()
+    run(net, opt, x, y, 25)
+    assert F.cross_entropy(net(x), y).item() < 0.5 * first
+
+
+@pytest.mark.parametrize("name,factory", [("tkfac", build_tkfac), ("tekfac", build_tekfac)])
+def test_registry_and_config_defaults_match_factory(name, factory):
+    spec = get_spec(name)
+    assert spec.needs_model and spec.curvature and spec.sampled_fisher
+    cfg = yaml.safe_load((ROOT / f"configs/optimizer/{name}.yaml").read_text())
+    assert cfg["name"] == name
+    keys = set(cfg) - {"name"}
+    assert keys == set(spec.hparams)
+    defaults = {k: p.default for k, p in inspect.signature(factory).parameters.items()}
+    for k in keys:
+        assert cfg[k] == defaults[k] or (cfg[k] == [] and defaults[k] is None), k
+    opt = build_optimizer(cfg, mlp())
+    assert opt.stat_every == 10 and opt.inv_every == 100 and opt.trace_form == "weighted"
