@@ -21,6 +21,13 @@ Everything needed per step is precomputed at refresh time, so :meth:`preconditio
 (inverse forms) or four (eigen) matrix products.  ``tensors`` holds ``A``, ``G``, ``T`` and, after a
 refresh, ``dA, QA, dG, QG, scale`` (eigen) or ``Ainv, Ginv`` (inverse forms); for an embedding
 ``A``/``dA``/``Ainv`` are vectors and there is no ``QA``.
+
+Batch sums of outer products are accumulated in float64 on CPU (``stat_dtype=None``): a float32
+sum over N·T rows is only good to ~1e-7 relative and depends on the summation order, and the
+``1/λ`` amplification of a small damping turns that into 1e-4 differences in the parameters
+within a dozen steps — a 2-process DDP run (two half sums, averaged) would then not reproduce a
+1-process run.  The float64 GEMM costs about 2× the float32 one on CPU; on GPUs (slow float64)
+the default stays the compute dtype.  The running factors are kept in the compute dtype.
 """
 
 from __future__ import annotations
@@ -45,7 +52,12 @@ class KroneckerBlock(CurvatureBlock):
     """K-FAC block ``T · A ⊗ G`` with the damping form of ALGORITHMS.md §0.5."""
 
     def __init__(
-        self, layer: LayerHelper, *, damping_form: str = "eigen", pi_correction: bool = True
+        self,
+        layer: LayerHelper,
+        *,
+        damping_form: str = "eigen",
+        pi_correction: bool = True,
+        stat_dtype: torch.dtype | None = None,
     ) -> None:
         if damping_form not in DAMPING_FORMS:
             raise ValueError(
@@ -58,6 +70,10 @@ class KroneckerBlock(CurvatureBlock):
         self.diagonal = layer.diagonal_input
         self.m = layer.out_dim
         self.n = layer.in_dim
+        if stat_dtype is None:
+            stat_dtype = torch.float64 if self.device.type == "cpu" else self.dtype
+        #: dtype of the per-step sums (see the module docstring)
+        self.stat_dtype = torch.promote_types(stat_dtype, self.dtype)
 
     # -- statistics ---------------------------------------------------------------
     homogeneous_input = False  # the bias column of A is built from row sums (no copy)
@@ -65,14 +81,14 @@ class KroneckerBlock(CurvatureBlock):
     statistic_keys = frozenset({"A", "G", "T"})
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:
-        gt = _columns(g, torch.float64)
+        gt = _columns(g, self.stat_dtype)
         rows = gt.shape[1]
         self.accumulate("G", _gram(gt), rows=rows, examples=g.shape[0])
         if self.diagonal:
             counts = torch.bincount(a.reshape(-1), minlength=self.n)
-            self.accumulate("A", counts.to(self.dtype))
+            self.accumulate("A", counts.to(self.stat_dtype))
             return
-        xt = _columns(a, torch.float64)
+        xt = _columns(a, self.stat_dtype)
         a0 = _gram(xt)
         if self.layer.has_bias:
             s = xt.sum(1)

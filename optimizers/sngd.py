@@ -17,8 +17,10 @@ Metrics (``x̃`` = input with the constant 1 appended, rows = examples × locati
   layers with ``conv_mode="input"`` (default; unfold patches, KFC-style averaged over locations);
 * per output unit ``M_j = E[ψ(h_j) x̃ x̃ᵀ]``, ``P_j = M_j⁻¹ ∇W_j`` — hidden Linear layers with
   ``mode="rfim"`` (default) and, with ``conv_mode="unit"``, conv layers per output channel (costly:
-  ``O(N·T·C_out·n²)``).  ``h = x̃ Wᵀ`` is the layer's own pre-activation, recomputed exactly from the
-  captured input; ``ψ(h) = σ(h)²`` (``unit_weight="sigmoid"``: the squared softplus derivative, the
+  ``O(N·T·C_out·n²)``).  A layer whose per-unit metrics would exceed ``unit_max_elements``
+  numbers (default 2^25, 128 MiB in float32, per copy) uses the shared metric instead (warned).
+  ``h = x̃ Wᵀ`` is the layer's own pre-activation, recomputed exactly from the captured input;
+  ``ψ(h) = σ(h)²`` (``unit_weight="sigmoid"``: the squared softplus derivative, the
   released code's smooth surrogate for ReLU) or ``ψ ≡ 1`` (``"one"``).  The metrics do not use
   labels or back-propagated gradients;
 * Embedding layers: the shared input metric of one-hot inputs, ``diag(token frequencies)``.
@@ -43,6 +45,7 @@ rest of the family.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -220,6 +223,7 @@ class SNGD(CurvatureOptimizer):
         conv_mode: str = "input",
         unit_weight: str = "sigmoid",
         first_last_shared: bool = True,
+        unit_max_elements: int = 1 << 25,
         damping_abs: float = 0.0,
         stat_decay: float = 0.995,
         **kwargs,
@@ -242,6 +246,15 @@ class SNGD(CurvatureOptimizer):
         self.conv_mode = conv_mode
         self.unit_weight = unit_weight
         self.first_last_shared = bool(first_last_shared)
+        if (
+            isinstance(unit_max_elements, bool)
+            or not isinstance(unit_max_elements, int)
+            or unit_max_elements < 1
+        ):
+            raise ValueError(
+                f"optimizer.unit_max_elements must be an int >= 1, got {unit_max_elements!r}"
+            )
+        self.unit_max_elements = unit_max_elements
         self.damping_abs = float(damping_abs)
         self.stat_decay_per_step = float(stat_decay)
         every = kwargs.get("stat_every", 10)
@@ -257,8 +270,17 @@ class SNGD(CurvatureOptimizer):
         ends = {order[0], order[-1]} if order else set()
         if self.mode == "input" or (self.first_last_shared and layer.name in ends):
             return "input"
-        if layer.kind == "conv2d":
-            return "unit" if self.conv_mode == "unit" else "input"
+        if layer.kind == "conv2d" and self.conv_mode != "unit":
+            return "input"
+        size = layer.out_dim * layer.in_dim**2
+        if size > self.unit_max_elements:
+            warnings.warn(
+                f"SNGD: layer {layer.name!r} would need {size} numbers per-unit metrics "
+                f"(> optimizer.unit_max_elements={self.unit_max_elements}); it uses the "
+                "shared input metric",
+                stacklevel=4,
+            )
+            return "input"
         return "unit"
 
     def make_block(self, layer: LayerHelper) -> SNGDBlock:
@@ -283,6 +305,7 @@ def build_sngd(
     conv_mode: str = "input",
     unit_weight: str = "sigmoid",
     first_last_shared: bool = True,
+    unit_max_elements: int = 1 << 25,
     stat_every: Schedule = 10,
     inv_every: Schedule = 100,
     stat_decay: float = 0.995,
@@ -303,6 +326,7 @@ def build_sngd(
         conv_mode=conv_mode,
         unit_weight=unit_weight,
         first_last_shared=first_last_shared,
+        unit_max_elements=unit_max_elements,
         stat_every=stat_every,
         inv_every=inv_every,
         stat_decay=stat_decay,

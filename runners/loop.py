@@ -165,8 +165,11 @@ def check_existing(run_dir: Path, cfg_hash: str) -> dict[str, Any] | None:
     return rec
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one training job into ``run_dir`` and return its record."""
+def train(cfg: DictConfig, run_dir: Path, *, preset: str | None = None) -> dict[str, Any]:
+    """Run one training job into ``run_dir`` and return its record.
+
+    ``preset`` is the optimizer config file chosen (``optimizer=<preset>``) when it differs
+    from the registry name (e.g. ``ngplus_resnet50`` for ``ngplus``); it labels the run."""
     run_dir = Path(run_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
@@ -257,6 +260,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "dataset": resolved["task"].get("dataset"),
         "flavor": task.flavor,
         "optimizer": spec.name,
+        "preset": preset or spec.name,
         "seed": int(cfg.seed),
         "status": "running",
         "target": target.as_dict(),

@@ -49,6 +49,12 @@ def _variant(folder: Path) -> str:
     return "default"
 
 
+def _label(rec: dict[str, Any], variant: str) -> str:
+    """Row label: the optimizer preset (config file) name, plus the hyperparameter variant."""
+    name = rec.get("preset") or rec["optimizer"]
+    return name if variant == "default" else f"{name} [{variant}]"
+
+
 def runs_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for run in runs:
@@ -56,7 +62,7 @@ def runs_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
         tgt = rec.get("target") or {}
         metric = tgt.get("metric")
         variant = _variant(Path(run["path"]))
-        label = rec["optimizer"] if variant == "default" else f"{rec['optimizer']} [{variant}]"
+        label = _label(rec, variant)
         rows.append(
             {
                 "task": f"{rec['task']}/{rec.get('dataset')}/{rec.get('flavor')}",
@@ -236,8 +242,7 @@ def _curves(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[pd.DataFrame
         if not run["metrics"]:
             continue
         task = f"{rec['task']}/{rec.get('dataset')}/{rec.get('flavor')}"
-        variant = _variant(Path(run["path"]))
-        label = rec["optimizer"] if variant == "default" else f"{rec['optimizer']} [{variant}]"
+        label = _label(rec, _variant(Path(run["path"])))
         by_task.setdefault(task, {}).setdefault(label, []).append(pd.DataFrame(run["metrics"]))
     return by_task
 

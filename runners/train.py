@@ -67,7 +67,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         fail(str(exc))
     assert run_dir is not None
     try:
-        record = train(cfg, run_dir)
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        record = train(cfg, run_dir, preset=choices.get("optimizer"))
     except RunAlreadyDone as exc:
         print(f"ngbench: {exc}", file=sys.stderr)
         return None

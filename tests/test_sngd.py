@@ -153,6 +153,14 @@ def test_first_and_last_layers_use_the_shared_metric():
     }
     assert kinds == {"0": "unit", "3": "unit", "5": "unit", "7": "unit"}
     assert {b.kind for b in sngd(net, mode="input").blocks.values()} == {"input"}
+    with pytest.warns(UserWarning, match="unit_max_elements"):
+        opt = sngd(net, unit_max_elements=300)  # layer 3 needs 5·9² = 405, layer 5 6·6² = 216
+    assert {n: b.kind for n, b in opt.blocks.items()} == {
+        "0": "input",
+        "3": "input",
+        "5": "unit",
+        "7": "input",
+    }
 
 
 def test_embedding_diagonal_metric():
@@ -244,6 +252,7 @@ def test_state_dict_round_trip_training_and_fallback():
         ({"mode": "full"}, "mode"),
         ({"conv_mode": "kernel"}, "conv_mode"),
         ({"unit_weight": "relu"}, "unit_weight"),
+        ({"unit_max_elements": 0}, "unit_max_elements"),
     ],
 )
 def test_bad_inputs_raise_naming_the_key(kw, key):

@@ -1,0 +1,426 @@
+"""``ngbench bench``: optimizer step overhead on a fixed model, all optimizers in one process.
+
+The measurement of DESIGN.md "Benchmarking and scoring" (the step-overhead comparison reported
+for K-FAC by Martens & Grosse 2015 and for KAISA by Pauloski et al. 2021): the *mean* step time
+(forward, backward and optimizer step; a mean includes the periodic refresh steps that a median
+hides) relative to SGD with momentum and to AdamW on the same model in the same process, split
+into phases, with peer implementations (ASDL K-FAC/EKFAC, pytorch-optimizer's Shampoo) side by
+side.  Every optimizer trains its own copy of the model on the same fixed batch; they run
+interleaved in rounds of ``--chunk`` steps so that load changes on a shared machine hit all alike.
+
+    ngbench bench --model small_cnn --optimizers sgd,adamw,kfac --peers asdl,pytorch_optimizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MODELS", "PEERS", "main", "run_bench"]
+
+#: attributes / param-group keys that name a periodic refresh frequency
+FREQ_KEYS = ("inv_every", "precondition_frequency", "precondition_every", "refresh_every",
+             "update_every", "stat_every", "scale_every")
+BASELINES = ("sgd", "adamw")
+#: learning rates on the fixed random batch (the step time does not depend on them)
+LR = {"adamw": 1e-3, "soap": 1e-3, "shampoo": 1e-3}
+DEFAULT_LR = 1e-2
+
+
+# ----------------------------------------------------------------------------- models
+class SmallCNN(nn.Module):
+    """The benchmark CNN of DESIGN.md: 3×32×32 -> 10 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, stride=1, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(64, 128, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(128, 256)
+        self.fc2 = nn.Linear(256, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        x = x.mean((2, 3))
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    build: Callable[[], nn.Module]
+    batch: int
+    data: Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
+    loss: Callable[[Tensor, Tensor], Tensor]
+    loss_type: str  # for ASDL: cross_entropy | mse (the empirical Fisher ignores it)
+
+
+def _cnn_data(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _ae_data(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    x = torch.rand(n, 784, generator=g)
+    return x, x
+
+
+def _ae_model() -> nn.Module:
+    from tasks.autoencoder import Autoencoder
+
+    return Autoencoder([784, 128, 32])
+
+
+def _bce_sum(out: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy summed over pixels, mean over the batch."""
+    return F.binary_cross_entropy_with_logits(out, target, reduction="none").sum(1).mean()
+
+
+MODELS = {
+    "small_cnn": BenchModel(SmallCNN, 128, _cnn_data, F.cross_entropy, "cross_entropy"),
+    "autoencoder": BenchModel(_ae_model, 250, _ae_data, _bce_sum, "mse"),
+}
+
+
+# ----------------------------------------------------------------------------- runners
+@dataclass
+class Runner:
+    """One optimizer (or peer) with its own model copy; ``step()`` is one timed training step."""
+
+    name: str
+    model: nn.Module
+    step_fn: Callable[[], dict[str, float]]
+    optimizer: Any
+    curvature: bool = False
+    freq: int = 1
+    wall: float = 0.0
+    cpu: float = 0.0
+    steps: int = 0
+    split: dict[str, float] = field(default_factory=dict)
+    phase0: dict[str, float] = field(default_factory=dict)
+    peak_bytes: int = 0
+
+    def phases(self) -> dict[str, float]:
+        fn = getattr(self.optimizer, "phase_times", None)
+        return dict(fn()) if callable(fn) else {}
+
+    def state_bytes(self) -> int:
+        fn = getattr(self.optimizer, "memory_usage", None)
+        if self.curvature and callable(fn):
+            return int(fn()["total"])
+        return _state_bytes(getattr(self.optimizer, "state", {}))
+
+
+def _state_bytes(state: Any) -> int:
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def _frequency(opt: Any) -> int:
+    vals = []
+    for key in FREQ_KEYS:
+        for src in (getattr(opt, key, None), getattr(opt, "defaults", {}).get(key)):
+            if isinstance(src, int) and not isinstance(src, bool):
+                vals.append(src)
+    return max(vals, default=1)
+
+
+def _make_ours(name: str, spec_model: BenchModel, x: Tensor, y: Tensor, seed: int) -> Runner:
+    from optimizers import build_optimizer, get_spec
+
+    spec = get_spec(name)
+    torch.manual_seed(seed)
+    model = spec_model.build()
+    opt = build_optimizer(name, model, lr=LR.get(name, DEFAULT_LR))
+    sampled = bool(spec.sampled_fisher)
+
+    def step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = spec_model.loss(out, y)
+        t1 = time.perf_counter()
+        if sampled and getattr(opt, "needs_sampled_backward", lambda: False)():
+            raise RuntimeError(f"{name}: the benchmark runs the empirical Fisher (fisher=ef)")
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
+
+    return Runner(name, model, step, opt, curvature=bool(spec.curvature), freq=_frequency(opt))
+
+
+def _make_asdl(kind: str, spec_model: BenchModel, x: Tensor, y: Tensor, seed: int) -> Runner:
+    import asdl
+
+    torch.manual_seed(seed)
+    model = spec_model.build()
+    config = asdl.PreconditioningConfig(
+        data_size=x.shape[0], damping=1e-2, ema_decay=0.05,
+        curvature_upd_interval=10, preconditioner_upd_interval=100,
+    )
+    cls = asdl.KfacGradientMaker if kind == "kfac" else asdl.EkfacGradientMaker
+    gm = cls(model, config, fisher_type="fisher_emp", loss_type=spec_model.loss_type)
+    opt = torch.optim.SGD(model.parameters(), lr=DEFAULT_LR, momentum=0.9)
+
+    def step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        dummy = gm.setup_model_call(model, x)
+        gm.setup_loss_call(spec_model.loss, dummy, y)
+        gm.forward_and_backward()  # forward, backward, curvature and preconditioning
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        return {"forward_backward_precondition": t1 - t0, "optimizer": t2 - t1}
+
+    return Runner(f"asdl_{kind}", model, step, opt, freq=100)
+
+
+def _make_pto_shampoo(spec_model: BenchModel, x: Tensor, y: Tensor, seed: int) -> Runner:
+    import pytorch_optimizer
+
+    torch.manual_seed(seed)
+    model = spec_model.build()
+    opt = pytorch_optimizer.Shampoo(
+        model.parameters(), lr=1e-3, momentum=0.9, preconditioning_compute_steps=100
+    )
+
+    def step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = spec_model.loss(model(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
+
+    return Runner("pto_shampoo", model, step, opt, freq=100)
+
+
+#: peer package -> (import name, runner names)
+PEERS = {
+    "asdl": ("asdl", ("asdl_kfac", "asdl_ekfac")),
+    "pytorch_optimizer": ("pytorch_optimizer", ("pto_shampoo",)),
+}
+
+
+def _peer_runners(
+    peers: list[str], spec_model: BenchModel, x: Tensor, y: Tensor, seed: int
+) -> list[Runner]:
+    import importlib.util
+
+    out: list[Runner] = []
+    for peer in peers:
+        module, _ = PEERS[peer]
+        if importlib.util.find_spec(module) is None:
+            extra = "asdfghjkl" if peer == "asdl" else "pytorch-optimizer"
+            print(
+                f"ngbench bench: peer {peer!r} skipped: package {extra!r} is not installed "
+                "(pip install 'ngbench[bench]')",
+                file=sys.stderr,
+            )
+            continue
+        if peer == "asdl":
+            out += [_make_asdl(k, spec_model, x, y, seed) for k in ("kfac", "ekfac")]
+        else:
+            out.append(_make_pto_shampoo(spec_model, x, y, seed))
+    return out
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def run_bench(
+    *,
+    model: str,
+    optimizers: list[str],
+    peers: list[str] | None = None,
+    steps: int | None = None,
+    warmup: int = 10,
+    chunk: int = 10,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Run the benchmark and return ``{name: result}`` (see :func:`main` for the fields)."""
+    spec_model = MODELS[model]
+    batch = int(batch_size or spec_model.batch)
+    x, y = spec_model.data(batch, torch.Generator().manual_seed(seed))
+    names = list(dict.fromkeys([*BASELINES, *optimizers]))
+    runners = [_make_ours(n, spec_model, x, y, seed) for n in names]
+    runners += _peer_runners(list(peers or []), spec_model, x, y, seed)
+    if steps is None:
+        steps = max(200, 2 * max(r.freq for r in runners))
+    rounds = math.ceil(steps / chunk)
+    steps = rounds * chunk
+
+    def run(r: Runner, n: int, *, timed: bool) -> None:
+        for _ in range(n):
+            w0, c0 = time.perf_counter(), time.process_time()
+            split = r.step_fn()
+            w1, c1 = time.perf_counter(), time.process_time()
+            if timed:
+                r.wall += w1 - w0
+                r.cpu += c1 - c0
+                r.steps += 1
+                for k, v in split.items():
+                    r.split[k] = r.split.get(k, 0.0) + v
+        r.peak_bytes = max(r.peak_bytes, r.state_bytes())
+
+    for i in range(0, warmup, chunk):  # warm-up, interleaved too
+        for r in runners:
+            run(r, min(chunk, warmup - i), timed=False)
+    for r in runners:
+        r.phase0 = r.phases()
+    t_start = time.perf_counter()
+    for k in range(rounds):
+        for r in runners:
+            run(r, chunk, timed=True)
+        if progress:
+            left = (time.perf_counter() - t_start) / (k + 1) * (rounds - k - 1)
+            print(
+                f"\rngbench bench: {model} round {k + 1}/{rounds} ({chunk} steps x "
+                f"{len(runners)} optimizers), ~{left:.0f}s left   ",
+                end="", file=sys.stderr, flush=True,
+            )
+    if progress:
+        print(file=sys.stderr)
+
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    mean = {r.name: r.wall / r.steps for r in runners}
+    out: dict[str, dict[str, Any]] = {}
+    for r in runners:
+        now = r.phases()
+        phases = {k: v / r.steps for k, v in r.split.items()}
+        phases.update({k: (now[k] - r.phase0.get(k, 0.0)) / r.steps for k in now})
+        out[r.name] = {
+            "mean_step_s": mean[r.name],
+            "ratio_vs_sgd": mean[r.name] / mean["sgd"],
+            "ratio_vs_adamw": mean[r.name] / mean["adamw"],
+            "cpu_step_s": r.cpu / r.steps,
+            "phases": phases,
+            "peak_mem_mb": r.peak_bytes / 2**20,
+            "max_rss_mb": rss_mb,
+            "steps": r.steps,
+            "warmup": warmup,
+            "refresh_every": r.freq,
+            "peer": r.name not in names,
+            "model": model,
+            "batch_size": batch,
+            "threads": torch.get_num_threads(),
+        }
+    return out
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    cols = ["statistics", "inverse", "precondition", "communication"]
+    head = (f"{'optimizer':<14} {'step ms':>9} {'cpu ms':>9} {'x sgd':>7} {'x adamw':>8} "
+            f"{'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} "
+            + " ".join(f"{c[:6] + ' ms':>9}" for c in cols) + f" {'mem MB':>8}")
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        ph = r["phases"]
+
+        def ms(key: str, ph: dict = ph) -> str:
+            return f"{1e3 * ph[key]:.2f}" if key in ph else "-"
+
+        lines.append(
+            f"{name:<14} {1e3 * r['mean_step_s']:>9.2f} {1e3 * r['cpu_step_s']:>9.2f} "
+            f"{r['ratio_vs_sgd']:>7.2f} {r['ratio_vs_adamw']:>8.2f} "
+            f"{ms('forward'):>8} {ms('backward'):>8} {ms('optimizer'):>8} "
+            + " ".join(f"{ms(c):>9}" for c in cols) + f" {r['peak_mem_mb']:>8.2f}"
+        )
+    any_r = next(iter(results.values()))
+    lines.append(
+        f"model {any_r['model']}, batch {any_r['batch_size']}, {any_r['threads']} threads, "
+        f"mean over {any_r['steps']} steps after {any_r['warmup']} warm-up; "
+        f"process max RSS {any_r['max_rss_mb']:.0f} MB. asdl_* fold forward/backward/"
+        "preconditioning into one phase."
+    )
+    return "\n".join(lines)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="ngbench bench",
+        description="Optimizer step overhead (mean step time vs SGD and AdamW, phases, memory).",
+    )
+    p.add_argument("--model", default="small_cnn", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--optimizers", type=_csv, default=["sgd", "adamw", "kfac"],
+                   help="comma-separated registered optimizers (sgd and adamw always run)")
+    p.add_argument("--peers", type=_csv, default=[],
+                   help=f"comma-separated peer packages: {', '.join(PEERS)}")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per optimizer (default: 2 x the largest refresh "
+                        "frequency, at least 200)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    p.add_argument("--chunk", type=int, default=10, help="steps per optimizer per round")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the model's own")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    a = p.parse_args(argv)
+
+    def fail(msg: str) -> int:
+        print(f"ngbench bench: error: {msg}", file=sys.stderr)
+        return 2
+
+    if a.model not in MODELS:
+        return fail(f"--model {a.model!r} is not valid; valid choices: {', '.join(MODELS)}")
+    from optimizers import list_optimizers
+
+    known = list_optimizers()
+    bad = [o for o in a.optimizers if o not in known]
+    if bad:
+        return fail(f"--optimizers: {bad[0]!r} is not registered; valid choices: "
+                    + ", ".join(known))
+    bad = [o for o in a.peers if o not in PEERS]
+    if bad:
+        return fail(f"--peers: {bad[0]!r} is not valid; valid choices: {', '.join(PEERS)}")
+    for key in ("steps", "chunk", "threads", "batch_size"):
+        v = getattr(a, key)
+        if v is not None and v < 1:
+            return fail(f"--{key.replace('_', '-')} must be >= 1, got {v}")
+    if a.warmup < 0:
+        return fail(f"--warmup must be >= 0, got {a.warmup}")
+    torch.set_num_threads(a.threads)
+    results = run_bench(
+        model=a.model, optimizers=a.optimizers, peers=a.peers, steps=a.steps,
+        warmup=a.warmup, chunk=min(a.chunk, a.steps or a.chunk), batch_size=a.batch_size,
+        seed=a.seed, progress=not a.quiet,
+    )
+    print(format_table(results))
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.json.with_suffix(a.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(a.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
