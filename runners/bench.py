@@ -347,6 +347,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{name:<14} {1e3 * r['mean_step_s']:>9.2f} {1e3 * r['cpu_step_s']:>9.2f} "
             f"{r['ratio_vs_sgd']:>7.2f} {r['ratio_vs_adamw']:>8.2f} "
             f"{ms('forward'):>8} {ms('backward'):>8} {ms('optimizer'):>8} "
+            if "forward" in ph else
+            f"{'fwd+bwd+precond ' + ms('forward_backward_precondition'):>26} {ms('optimizer'):>8} "
             + " ".join(f"{ms(c):>9}" for c in cols) + f" {r['peak_mem_mb']:>8.2f}"
         )
     any_r = next(iter(results.values()))

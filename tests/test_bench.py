@@ -1,0 +1,54 @@
+"""``ngbench bench`` (runners/bench.py): a few steps on both benchmark models through the real
+CLI entry; the JSON schema and the ratio bookkeeping (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runners import bench, cli
+
+
+@pytest.mark.parametrize(
+    ("model", "opts"), [("small_cnn", "sgd,kfac"), ("autoencoder", "adamw,kfac")]
+)
+def test_bench_json_schema_and_ratios(tmp_path, capsys, model, opts):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--model", model, "--optimizers", opts, "--steps", "4",
+                   "--warmup", "1", "--chunk", "2", "--threads", "1", "--batch-size", "8",
+                   "--json", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"sgd", "adamw", "kfac"}  # both baselines always measured
+    for name, r in res.items():
+        for key in ("mean_step_s", "ratio_vs_sgd", "ratio_vs_adamw", "phases", "peak_mem_mb",
+                    "cpu_step_s", "max_rss_mb"):
+            assert key in r, (name, key)
+        assert r["steps"] == 4 and r["mean_step_s"] > 0 and r["cpu_step_s"] >= 0
+        assert r["ratio_vs_sgd"] == pytest.approx(r["mean_step_s"] / res["sgd"]["mean_step_s"])
+        assert r["ratio_vs_adamw"] == pytest.approx(
+            r["mean_step_s"] / res["adamw"]["mean_step_s"])
+        assert {"forward", "backward", "optimizer"} <= set(r["phases"])
+    assert res["sgd"]["ratio_vs_sgd"] == 1.0 and res["adamw"]["ratio_vs_adamw"] == 1.0
+    kfac = res["kfac"]
+    assert {"statistics", "inverse", "precondition"} <= set(kfac["phases"])
+    assert kfac["refresh_every"] == 100 and kfac["peak_mem_mb"] > res["sgd"]["peak_mem_mb"]
+    assert "kfac" in capsys.readouterr().out  # the printed table
+
+
+def test_default_steps_cover_two_refresh_periods():
+    res = bench.run_bench(model="autoencoder", optimizers=["kfac"], batch_size=2, warmup=0,
+                          chunk=50, progress=False)
+    # kfac refreshes every 100 steps: the window is max(200, 2 x 100) steps, interleaved
+    assert {r["steps"] for r in res.values()} == {200}
+    assert res["kfac"]["phases"]["inverse"] > 0  # refresh steps fell inside the window
+
+
+def test_bad_arguments_name_the_choice(capsys):
+    assert bench.main(["--model", "resnet"]) == 2
+    assert "small_cnn" in capsys.readouterr().err
+    assert bench.main(["--optimizers", "nope"]) == 2
+    assert "kfac" in capsys.readouterr().err
+    assert bench.main(["--peers", "nope"]) == 2
+    assert "asdl" in capsys.readouterr().err
