@@ -25,8 +25,15 @@ Metrics (``x̃`` = input with the constant 1 appended, rows = examples × locati
   labels or back-propagated gradients;
 * Embedding layers: the shared input metric of one-hot inputs, ``diag(token frequencies)``.
 
-Damping ``M + (ε_rel·tr M + ε_abs) I`` per metric (``damping`` = ε_rel, default 1e-4;
-``damping_abs`` = ε_abs, default 0 as released).  Inverses by one batched Cholesky call per layer
+Warm-up: a layer keeps the plain gradient direction until its metric has averaged at least
+``n`` rows (its fan-in + 1), then gets its first inverse at once (the optimizer refreshes blocks
+that are not ready on every statistic step); a metric from fewer rows is singular, and its null
+space would be amplified by ``1/(ε_rel·tr M)`` on the next batches' gradients.
+
+Damping ``M + (ε_rel·tr M + ε_abs) I`` per metric (``damping`` = ε_rel, default 1e-3;
+``damping_abs`` = ε_abs, default 0 as released).  The released ε_rel = 1e-4 made the small CNN
+diverge at lr 0.1: with ``stat_every > 1`` the first inverse comes from one batch, whose per-unit
+metrics are rank-deficient when the batch is smaller than the fan-in (128 examples, 129 inputs).  Inverses by one batched Cholesky call per layer
 every ``inv_every=100`` steps; a failed inverse keeps the previous one (or the plain gradient
 before the first success, as the released code falls back to the identity).
 
@@ -163,6 +170,7 @@ class SNGDBlock(CurvatureBlock):
     def commit_stats(self, decay: float) -> None:
         sums, rows, _ = self.take_pending()
         self.ema("M", sums["M"] / max(rows, 1), decay)
+        self.meta["rows_seen"] = int(self.meta.get("rows_seen", 0)) + rows
 
     # -- refresh ------------------------------------------------------------------------
     def refresh_cost(self) -> float:
@@ -188,6 +196,8 @@ class SNGDBlock(CurvatureBlock):
     def refresh(self, damping: float) -> bool:
         if "M" not in self.tensors:
             return True
+        if self.kind != "diag" and int(self.meta.get("rows_seen", 0)) < self.n and not self.ready:
+            return True  # warm-up: plain gradient until the metric can have full rank
         damped = self.damped_metric(damping)
         if self.kind == "diag":
             if not bool(torch.isfinite(damped).all()) or bool((damped <= 0).any()):
@@ -259,7 +269,7 @@ class SNGD(CurvatureOptimizer):
         self.stat_decay_per_step = float(stat_decay)
         every = kwargs.get("stat_every", 10)
         kwargs["stat_every"] = every
-        kwargs.setdefault("damping", 1e-4)
+        kwargs.setdefault("damping", 1e-3)
         kwargs.setdefault("kl_clip", None)
         if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
             stat_decay = float(stat_decay) ** every
@@ -299,7 +309,7 @@ def build_sngd(
     momentum: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
-    damping: float = 1e-4,
+    damping: float = 1e-3,
     damping_abs: float = 0.0,
     mode: str = "rfim",
     conv_mode: str = "input",

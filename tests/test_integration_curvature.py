@@ -31,13 +31,20 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 pytestmark = pytest.mark.slow
 
-STEPS = 200
+STEPS = 150
 SEEDS = (0, 1, 2)
 CURVATURE = [n for n in optimizers.list_optimizers() if optimizers.get_spec(n).curvature]
 
 #: name -> why it is not expected to beat SGD here, with the measured numbers
 #: (full_train_loss after STEPS steps, seeds 0/1/2; SGD: see ``_sgd_losses``)
-EXPECTED_NOT_BETTER: dict[str, str] = {}
+EXPECTED_NOT_BETTER: dict[str, str] = {
+    "shampoo": "Adam-grafted Shampoo at its generic default lr 1e-3 (no autoencoder tuned file): "
+    "172.1/165.0/167.2 vs SGD 133.3/139.7/136.5 after 150 steps (161.7/158.3/157.5 vs "
+    "124.6/121.1/119.2 after 200)",
+    "soap": "SOAP at its generic default lr 3e-3 (no autoencoder tuned file) is still in its "
+    "slow start: 222.0/226.5/219.8 vs SGD 133.3/139.7/136.5 after 150 steps (140.7/143.6/"
+    "135.7 vs 124.6/121.1/119.2 after 200)",
+}
 
 
 @cache
@@ -57,6 +64,16 @@ def _task() -> Any:
 
 @cache
 def _final_loss(opt_name: str, seed: int) -> float:
+    # one thread: on a shared 2-core machine two OpenMP threads can run 10x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(opt_name, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(opt_name: str, seed: int) -> float:
     cfg = _compose(opt_name)
     task = _task()
     spec = optimizers.get_spec(opt_name)
