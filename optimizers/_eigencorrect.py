@@ -161,6 +161,13 @@ class EigenCorrection:
     ``damp`` (the damping term ``D``, scalar or ``m × n``) and ``scale = 1/(s + D)``.
     """
 
+    #: the scalings are updated by ``commit_stats`` and the basis is read by ``update_stats``,
+    #: so under DDP every rank keeps the decomposition (``QA``, ``QG``, ``s``, ``damp``, ``scale``
+    #: are decompositions: reset by ``refresh`` on the inverse worker and broadcast; the
+    #: per-example sums ``S`` are all-reduced with the factor sums, so every rank then applies
+    #: the same scaling updates)
+    decomposition_on_every_rank = True
+
     tensors: dict[str, Tensor]
     meta: dict[str, Any]
     layer: Any

@@ -88,6 +88,7 @@ class TKFACBlock(CurvatureBlock):
     """
 
     homogeneous_input = False
+    statistic_keys = frozenset({"Phi", "Psi", "trace", "T"})
 
     def __init__(
         self,
@@ -95,6 +96,7 @@ class TKFACBlock(CurvatureBlock):
         *,
         trace_form: str = "weighted",
         conv_damping: str = "standard",
+        stat_dtype: torch.dtype | None = None,
     ) -> None:
         _check_choice("trace_form", trace_form, TRACE_FORMS)
         _check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
@@ -104,29 +106,35 @@ class TKFACBlock(CurvatureBlock):
         self.diagonal = layer.diagonal_input
         self.m = layer.out_dim
         self.n = layer.in_dim
+        if stat_dtype is None:  # as KroneckerBlock: float64 batch sums on CPU (DDP-reproducible)
+            stat_dtype = torch.float64 if self.device.type == "cpu" else self.dtype
+        self.stat_dtype = torch.promote_types(stat_dtype, self.dtype)
 
     # -- statistics ---------------------------------------------------------------------
     def update_factor_stats(self, a: Tensor, g: Tensor) -> None:
         N, T, _ = g.shape
-        g = g.to(self.dtype)
+        g = g.to(self.stat_dtype)
         tr_g = g.square().sum((1, 2))  # trΓ_n = Σ_t ‖g_{n,t}‖²
         if self.diagonal:
             tr_a = torch.full_like(tr_g, float(T))  # one-hot inputs: ‖ā‖² = 1 per token
         else:
-            a = a.to(self.dtype)
-            tr_a = a.square().sum((1, 2)) + (float(T) if self.layer.has_bias else 0.0)
+            # per-example norms are exact per example; the batch sums below are in stat_dtype
+            tr_a = a.square().sum((1, 2)).to(self.stat_dtype) + (
+                float(T) if self.layer.has_bias else 0.0
+            )
         self.accumulate("trace", (tr_a * tr_g).sum(), rows=N * T, examples=N)
         weighted = self.trace_form == "weighted"
-        gt = _columns(g, self.dtype)
+        gt = _columns(g, self.stat_dtype)
         wg = tr_a.repeat_interleave(T) if weighted else None
         self.accumulate("Psi", _homog_gram(gt, wg, has_bias=False))
         wa = tr_g.repeat_interleave(T) if weighted else None
         if self.diagonal:
             ids = a.reshape(-1)
-            self.accumulate("Phi", torch.bincount(ids, weights=wa, minlength=self.n).to(self.dtype))
+            counts = torch.bincount(ids, weights=wa, minlength=self.n)
+            self.accumulate("Phi", counts.to(self.stat_dtype))
         else:
             self.accumulate(
-                "Phi", _homog_gram(_columns(a, self.dtype), wa, has_bias=self.layer.has_bias)
+                "Phi", _homog_gram(_columns(a, self.stat_dtype), wa, has_bias=self.layer.has_bias)
             )
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:

@@ -110,3 +110,12 @@ def broadcast_object(obj: object, env: DistEnv, src: int = 0) -> object:
 
 def current_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def any_true(flag: bool, env: DistEnv) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    if not env.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

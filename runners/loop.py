@@ -296,6 +296,8 @@ def train(cfg: DictConfig, run_dir: Path, *, preset: str | None = None) -> dict[
         st["wandb_id"] = logger.run_id
 
     def save_checkpoint() -> None:
+        if env.enabled and hasattr(optimizer, "consolidate_state_dict"):
+            optimizer.consolidate_state_dict(to=0)  # collective: gathers split decompositions
         if not env.is_main:
             return
         ck = {
@@ -418,7 +420,12 @@ def train(cfg: DictConfig, run_dir: Path, *, preset: str | None = None) -> dict[
                             break
                     if ckpt_every and st["step"] % ckpt_every == 0 and st["step"] < steps:
                         save_checkpoint()
-                    if stop.signum is not None:
+                    signalled = stop.signum is not None
+                    if env.enabled:  # every rank stops at the same step (collectives inside)
+                        signalled = distributed.any_true(signalled, env)
+                        if signalled and stop.signum is None:
+                            stop.signum = signal.SIGTERM
+                    if signalled:
                         save_checkpoint()
                         status = "preempted"
                         record["error"] = f"stopped by signal {stop.signum}; resumable"

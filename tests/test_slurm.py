@@ -76,7 +76,7 @@ def test_sweep_runs_as_job_array(tmp_path):
             ).read_text()
         )
         assert rec["status"] == "completed" and rec["slurm_job_id"], rec
-    subs = list((tmp_path / "runs" / ".submitit").glob("*_submission.sh"))
+    subs = list((tmp_path / "runs" / ".submitit").rglob("*_submission.sh"))
     assert subs and "#SBATCH --array=0-1" in subs[0].read_text()
 
 
