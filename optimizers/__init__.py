@@ -34,15 +34,15 @@ register(
 
 # Curvature optimizers register themselves on import: one line per module below.
 # --- method modules (keep this marker) ---
-from . import ngplus  # noqa: F401
-from . import mbf  # noqa: F401
-from . import sngd  # noqa: F401
-from . import ekfac  # noqa: F401
-from . import tkfac  # noqa: F401
-from . import tekfac  # noqa: F401
-from . import shampoo  # noqa: F401
-from . import soap  # noqa: F401
-from . import kfac  # noqa: F401
+from . import ekfac
+from . import kfac
+from . import mbf
+from . import ngplus
+from . import shampoo
+from . import sngd
+from . import soap
+from . import tekfac
+from . import tkfac
 
 __all__ = [
     "REGISTRY",
