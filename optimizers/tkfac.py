@@ -21,7 +21,9 @@ For a Linear layer ``tr(δΦ⊗Ψ) = E[‖ā_n‖²‖g_n‖²] = tr F_EF`` exac
 layer ``δ`` is the trace of the per-example KFC approximation ``Λ_n⊗Γ_n / T`` (locations summed
 per example, §3.1 [I]); if ``Λ`` and ``Γ`` are independent both readings reduce to KFC's
 ``T·A⊗G``.  The three moments are EMA'd (``stat_decay``) as *un-normalised* sums, so the trace
-identity also holds for the running estimates.
+identity also holds for the running estimates; batch sums are accumulated in float64 on CPU, as
+in :class:`optimizers._kronecker.KroneckerBlock` (a 2-process DDP run reproduces a 1-process
+one).
 
 Damping (§3.2): ``Φ̂ = √δ Φ + √λ I``, ``Ψ̂ = √δ Ψ + √λ I``, ``P = Ψ̂⁻¹ V Φ̂⁻¹`` (inverses refreshed
 every ``inv_every`` steps), then KL clip and SGD with momentum as for K-FAC.  The paper's "new

@@ -89,6 +89,7 @@ def test_per_unit_metric_single_example_sherman_morrison():
         first_last_shared=False,
         damping=eps_rel,
         damping_abs=eps_abs,
+        rank_warmup=False,  # one row: the metric is singular without the damping
     )
     F.cross_entropy(lin(x), y).backward()
     V = opt.layers[""].grad_matrix()
@@ -174,6 +175,24 @@ def test_embedding_diagonal_metric():
     counts = torch.tensor([2.0, 3.0, 0.0, 0.0, 1.0], dtype=DT) / 6
     torch.testing.assert_close(opt.blocks["0"].tensors["M"], counts)
     torch.testing.assert_close(opt.blocks["0"].precondition(V), V / (counts + eps * 1.0 + 0.05))
+
+
+def test_rank_warmup_keeps_plain_gradient_until_enough_rows():
+    lin = nn.Linear(6, 3).to(DT)  # n = 7: needs 7 rows
+    opt = sngd(lin, stat_every=1, inv_every=100, first_last_shared=False, lr=0.1)
+    for k in range(2):
+        x = torch.randn(4, 6, dtype=DT)
+        W0 = lin.weight.detach().clone()
+        opt.zero_grad()
+        lin(x).pow(2).mean().backward()
+        gw = lin.weight.grad.clone()
+        opt.step()
+        if k == 0:  # 4 rows: plain SGD direction
+            assert not opt.blocks[""].ready
+            torch.testing.assert_close(lin.weight.detach(), W0 - 0.1 * gw)
+        else:  # 8 rows: first inverse at once
+            assert opt.blocks[""].ready
+            assert not torch.allclose(lin.weight.detach(), W0 - 0.1 * gw)
 
 
 def test_stat_decay_is_per_iteration():
