@@ -95,6 +95,46 @@ def get_spec(name: str) -> OptimizerSpec:
     return REGISTRY[name]
 
 
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_hparams(spec: OptimizerSpec, hparams: Mapping[str, Any]) -> None:
+    """Unknown keys, a value whose type does not match the factory default's, and a
+    negative learning rate raise :class:`OptimizerConfigError` naming the key."""
+    unknown = sorted(set(hparams) - set(spec.hparams))
+    if unknown:
+        raise OptimizerConfigError(
+            f"optimizer.{unknown[0]} is not a hyperparameter of {spec.name!r}; valid keys: "
+            + ", ".join(spec.hparams)
+        )
+    params = inspect.signature(spec.factory).parameters
+    for key, value in hparams.items():
+        default = params[key].default
+        if default is inspect.Parameter.empty or default is None or value is None:
+            continue
+        if callable(value):  # e.g. a schedule function for a frequency (Python API)
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = _is_num(value) and float(value).is_integer()
+        elif isinstance(default, float):
+            ok = _is_num(value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise OptimizerConfigError(
+                f"optimizer.{key} must be of type {type(default).__name__} "
+                f"(default {default!r}), got {value!r}"
+            )
+    lr = hparams.get("lr")
+    if lr is not None and not (_is_num(lr) and lr >= 0):
+        raise OptimizerConfigError(f"optimizer.lr must be a number >= 0, got {lr!r}")
+
+
 def build_optimizer(
     name_or_cfg: str | Mapping[str, Any], model: nn.Module, **hparams: Any
 ) -> torch.optim.Optimizer:
@@ -102,8 +142,8 @@ def build_optimizer(
 
     ``name_or_cfg`` is a registry name or a mapping with a ``name`` key plus
     hyperparameters (e.g. a Hydra ``optimizer`` node); ``hparams`` override it.
-    Unknown hyperparameters and a negative learning rate raise
-    :class:`OptimizerConfigError` naming the key and the valid choices.
+    Bad hyperparameters raise :class:`OptimizerConfigError` naming the key and the valid
+    choices (see :func:`validate_hparams`).
     """
     if isinstance(name_or_cfg, str):
         name, cfg_hp = name_or_cfg, {}
@@ -114,15 +154,7 @@ def build_optimizer(
         name = cfg_hp.pop("name")
     spec = get_spec(name)
     merged = {**cfg_hp, **hparams}
-    unknown = sorted(set(merged) - set(spec.hparams))
-    if unknown:
-        raise OptimizerConfigError(
-            f"optimizer.{unknown[0]} is not a hyperparameter of {name!r}; valid keys: "
-            + ", ".join(spec.hparams)
-        )
-    lr = merged.get("lr")
-    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0):
-        raise OptimizerConfigError(f"optimizer.lr must be a number >= 0, got {lr!r}")
+    validate_hparams(spec, merged)
     try:
         return spec.factory(model, **merged)
     except (TypeError, ValueError) as exc:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from optimizers import get_spec
+from optimizers.registry import validate_hparams
 
 from .schedules import SCHEDULES
 
@@ -60,38 +60,8 @@ def check_train(train: dict[str, Any]) -> None:
 
 
 def check_optimizer(opt: dict[str, Any]) -> None:
-    spec = get_spec(str(opt.get("name")))
-    sig = inspect.signature(spec.factory)
-    for key, value in opt.items():
-        if key == "name":
-            continue
-        if key not in sig.parameters:
-            raise ConfigError(
-                f"optimizer.{key} is not a hyperparameter of {spec.name!r}; valid keys: "
-                + ", ".join(spec.hparams)
-            )
-        default = sig.parameters[key].default
-        if default is inspect.Parameter.empty or default is None or value is None:
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = _is_int(value) or (_is_num(value) and float(value).is_integer())
-        elif isinstance(default, float):
-            ok = _is_num(value)
-        elif isinstance(default, str):
-            ok = isinstance(value, str)
-        else:
-            ok = True
-        if not ok:
-            raise ConfigError(
-                f"optimizer.{key} must be of type {type(default).__name__} "
-                f"(default {default!r}), got {value!r}"
-            )
-    lr = opt.get("lr")
-    _need(
-        lr is None or (_is_num(lr) and lr >= 0), f"optimizer.lr must be a number >= 0, got {lr!r}"
-    )
+    hparams = {k: v for k, v in opt.items() if k != "name"}
+    validate_hparams(get_spec(str(opt.get("name"))), hparams)
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -202,8 +202,7 @@ def summary_table(df: pd.DataFrame, published: pd.DataFrame | None = None) -> pd
     table = pd.DataFrame(out)
     if table.empty:
         return table
-    asc = True
-    table = table.sort_values(["task", "_final_mean"], ascending=[True, asc]).drop(
+    table = table.sort_values(["task", "_final_mean"], ascending=[True, True]).drop(
         columns="_final_mean"
     )
     return table.reset_index(drop=True)

@@ -80,7 +80,6 @@ def test_report_table_numbers_and_skips(tmp_path):
     assert t.loc["adamw", "diverged"] == 1 and t.loc["adamw", "seeds"] == 2
     assert list(out["table"]["optimizer"]) == ["kfac", "adamw", "sgd"]  # best final first
     # Welch t-test against the best baseline (adamw has 1 finite value -> NaN; vs sgd real)
-    from scipy import stats
 
     assert math.isnan(t.loc["kfac", "p_vs_best_baseline"])
     skipped = {str(p.relative_to(runs)): why for p, why in out["skipped"]}
@@ -94,7 +93,6 @@ def test_report_table_numbers_and_skips(tmp_path):
     # profile: kfac median 2.0 s is fastest; adamw median over (4.0, inf) = inf; sgd never
     assert out["scores"]["kfac"] == pytest.approx(1.0)
     assert out["scores"]["sgd"] == 0.0
-    del stats
 
 
 def test_welch_p_matches_scipy():
