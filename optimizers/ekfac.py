@@ -31,15 +31,13 @@ Choices (explicit options, defaults first):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
 from ._eigencorrect import EigenCorrectedOptimizer, EigenCorrection, StepFlags
 from ._kronecker import KroneckerBlock
 from ._layers import LayerHelper
-from .base import CurvatureOptimizer, Schedule
+from .base import CurvatureOptimizer, Schedule, curvature_factory
 from .registry import OptimizerSpec, register
 
 __all__ = ["EKFAC", "EKFACBlock", "build_ekfac"]
@@ -58,6 +56,8 @@ class EKFACBlock(EigenCorrection, KroneckerBlock):
     ) -> None:
         KroneckerBlock.__init__(self, layer, damping_form="eigen")
         self.init_correction(scalings=scalings, scale_decay=scale_decay, flags=flags)
+        # the exact scalings project per-example input rows: capture rows, not the raw input
+        self.raw_input = scalings != "exact"
 
     def update_factor_stats(self, a: Tensor, g: Tensor) -> None:
         KroneckerBlock.update_stats(self, a, g)
@@ -107,45 +107,7 @@ class EKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
         )
 
 
-def build_ekfac(
-    model: nn.Module,
-    *,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    damping: float = 1e-2,
-    scalings: str = "exact",
-    scale_every: Schedule | None = None,
-    scale_decay: float = 0.95,
-    stat_every: Schedule = 10,
-    inv_every: Schedule = 100,
-    stat_decay: float = 0.95,
-    kl_clip: float | None = 1e-2,
-    fisher: str = "ef",
-    loss_average: str = "batch",
-    skip_layers: Sequence[str] | None = None,
-    layers: Sequence[str] | None = None,
-) -> EKFAC:
-    return EKFAC(
-        model,
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        damping=damping,
-        scalings=scalings,
-        scale_every=scale_every,
-        scale_decay=scale_decay,
-        stat_every=stat_every,
-        inv_every=inv_every,
-        stat_decay=stat_decay,
-        kl_clip=kl_clip,
-        fisher=fisher,
-        loss_average=loss_average,
-        skip_layers=skip_layers,
-        layers=layers,
-    )
+build_ekfac = curvature_factory(EKFAC, "ekfac")
 
 
 register(

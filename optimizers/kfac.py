@@ -27,13 +27,11 @@ Defaults and why:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import nn
 
 from ._kronecker import DAMPING_FORMS, KroneckerBlock
 from ._layers import LayerHelper
-from .base import CurvatureOptimizer, Schedule
+from .base import CurvatureOptimizer, curvature_factory
 from .registry import OptimizerSpec, register
 
 __all__ = ["KFAC", "build_kfac"]
@@ -65,43 +63,7 @@ class KFAC(CurvatureOptimizer):
         )
 
 
-def build_kfac(
-    model: nn.Module,
-    *,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    damping: float = 1e-2,
-    damping_form: str = "eigen",
-    pi_correction: bool = True,
-    stat_every: Schedule = 10,
-    inv_every: Schedule = 100,
-    stat_decay: float = 0.95,
-    kl_clip: float | None = 1e-2,
-    fisher: str = "ef",
-    loss_average: str = "batch",
-    skip_layers: Sequence[str] | None = None,
-    layers: Sequence[str] | None = None,
-) -> KFAC:
-    return KFAC(
-        model,
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        damping=damping,
-        damping_form=damping_form,
-        pi_correction=pi_correction,
-        stat_every=stat_every,
-        inv_every=inv_every,
-        stat_decay=stat_decay,
-        kl_clip=kl_clip,
-        fisher=fisher,
-        loss_average=loss_average,
-        skip_layers=skip_layers,
-        layers=layers,
-    )
+build_kfac = curvature_factory(KFAC, "kfac")
 
 
 register(

@@ -53,14 +53,13 @@ Memory: the running blocks and their inverses take ``2·Σ_b b²`` numbers per l
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ._layers import LayerHelper
 from ._linalg import compute_dtype, safe_eigh, symmetrize
-from .base import CurvatureBlock, CurvatureOptimizer, Schedule
+from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
 from .registry import OptimizerSpec, register
 
 __all__ = ["ESTIMATORS", "MOMENTUM_TYPES", "MBF", "MBFBlock", "build_mbf", "parse_linear_block"]
@@ -367,47 +366,7 @@ class MBF(CurvatureOptimizer):
         return super().step(closure)
 
 
-def build_mbf(
-    model: nn.Module,
-    *,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    momentum_type: str = "heavy_ball",
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    damping: float = 0.1,
-    linear_block: str = "row",
-    max_block: int = 128,
-    estimator: str = "per_example",
-    stat_every: Schedule = 10,
-    inv_every: Schedule = 100,
-    stat_decay: float = 0.9,
-    kl_clip: float | None = None,
-    fisher: str = "ef",
-    loss_average: str = "batch",
-    skip_layers: Sequence[str] | None = None,
-    layers: Sequence[str] | None = None,
-) -> MBF:
-    return MBF(
-        model,
-        lr=lr,
-        momentum=momentum,
-        momentum_type=momentum_type,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        damping=damping,
-        linear_block=linear_block,
-        max_block=max_block,
-        estimator=estimator,
-        stat_every=stat_every,
-        inv_every=inv_every,
-        stat_decay=stat_decay,
-        kl_clip=kl_clip,
-        fisher=fisher,
-        loss_average=loss_average,
-        skip_layers=skip_layers,
-        layers=layers,
-    )
+build_mbf = curvature_factory(MBF, "mbf", damping=0.1, stat_decay=0.9, kl_clip=None)
 
 
 register(

@@ -49,14 +49,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ._layers import LayerHelper
 from ._linalg import safe_inv
-from .base import CurvatureBlock, CurvatureOptimizer, Schedule
+from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
 from .registry import OptimizerSpec, register
 
 __all__ = ["CONV_SCALES", "SMW_MODES", "NGPlus", "NGPlusBlock", "build_ngplus"]
@@ -329,49 +329,9 @@ class NGPlus(CurvatureOptimizer):
         )
 
 
-def build_ngplus(
-    model: nn.Module,
-    *,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    damping: float = 0.35,
-    sqrt_damping: bool = True,
-    damping_decay_rate: float = 1.0,
-    damping_decay_every: int = 1000,
-    curvature_momentum: float = 0.9,
-    stat_every: Schedule = 100,
-    inv_every: Schedule = 100,
-    conv_scale: str = "sqrt_t",
-    smw: str = "auto",
-    kl_clip: float | None = None,
-    fisher: str = "ef",
-    loss_average: str = "batch",
-    skip_layers: Sequence[str] | None = None,
-    layers: Sequence[str] | None = None,
-) -> NGPlus:
-    return NGPlus(
-        model,
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        damping=damping,
-        sqrt_damping=sqrt_damping,
-        damping_decay_rate=damping_decay_rate,
-        damping_decay_every=damping_decay_every,
-        curvature_momentum=curvature_momentum,
-        stat_every=stat_every,
-        inv_every=inv_every,
-        conv_scale=conv_scale,
-        smw=smw,
-        kl_clip=kl_clip,
-        fisher=fisher,
-        loss_average=loss_average,
-        skip_layers=skip_layers,
-        layers=layers,
-    )
+build_ngplus = curvature_factory(
+    NGPlus, "ngplus", exclude=("stat_decay",), damping=0.35, stat_every=100, kl_clip=None
+)
 
 
 register(

@@ -55,14 +55,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ._layers import LayerHelper
 from ._linalg import safe_inv
-from .base import CurvatureBlock, CurvatureOptimizer, Schedule
+from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
 from .mbf import batched_spd_inverse
 from .registry import OptimizerSpec, register
 
@@ -310,51 +309,9 @@ class SNGD(CurvatureOptimizer):
         )
 
 
-def build_sngd(
-    model: nn.Module,
-    *,
-    lr: float = 0.01,
-    momentum: float = 0.0,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    damping: float = 1e-3,
-    damping_abs: float = 0.0,
-    mode: str = "rfim",
-    conv_mode: str = "input",
-    unit_weight: str = "sigmoid",
-    first_last_shared: bool = True,
-    unit_max_elements: int = 1 << 25,
-    rank_warmup: bool = True,
-    stat_every: Schedule = 10,
-    inv_every: Schedule = 100,
-    stat_decay: float = 0.995,
-    kl_clip: float | None = None,
-    loss_average: str = "batch",
-    skip_layers: Sequence[str] | None = None,
-    layers: Sequence[str] | None = None,
-) -> SNGD:
-    return SNGD(
-        model,
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        damping=damping,
-        damping_abs=damping_abs,
-        mode=mode,
-        conv_mode=conv_mode,
-        unit_weight=unit_weight,
-        first_last_shared=first_last_shared,
-        unit_max_elements=unit_max_elements,
-        rank_warmup=rank_warmup,
-        stat_every=stat_every,
-        inv_every=inv_every,
-        stat_decay=stat_decay,
-        kl_clip=kl_clip,
-        loss_average=loss_average,
-        skip_layers=skip_layers,
-        layers=layers,
-    )
+build_sngd = curvature_factory(
+    SNGD, "sngd", exclude=("fisher",), lr=0.01, momentum=0.0, damping=1e-3, kl_clip=None
+)
 
 
 register(

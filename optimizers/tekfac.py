@@ -30,7 +30,6 @@ Defaults otherwise as K-FAC (``damping=1e-2``, ``kl_clip=1e-2``, stats every 10,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from ._eigencorrect import EigenCorrectedOptimizer, EigenCorrection, StepFlags
 from ._layers import LayerHelper
 from ._linalg import safe_eigh
-from .base import CurvatureOptimizer, Schedule
+from .base import CurvatureOptimizer, Schedule, curvature_factory
 from .registry import OptimizerSpec, register
 from .tkfac import CONV_DAMPINGS, TRACE_FORMS, TKFACBlock, _check_choice
 
@@ -136,51 +135,7 @@ class TEKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
         )
 
 
-def build_tekfac(
-    model: nn.Module,
-    *,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    damping: float = 1e-2,
-    trace_form: str = "weighted",
-    conv_damping: str = "standard",
-    damping_style: str = "tkfac",
-    scalings: str = "exact",
-    scale_every: Schedule | None = None,
-    scale_decay: float = 0.95,
-    stat_every: Schedule = 10,
-    inv_every: Schedule = 100,
-    stat_decay: float = 0.95,
-    kl_clip: float | None = 1e-2,
-    fisher: str = "ef",
-    loss_average: str = "batch",
-    skip_layers: Sequence[str] | None = None,
-    layers: Sequence[str] | None = None,
-) -> TEKFAC:
-    return TEKFAC(
-        model,
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        damping=damping,
-        trace_form=trace_form,
-        conv_damping=conv_damping,
-        damping_style=damping_style,
-        scalings=scalings,
-        scale_every=scale_every,
-        scale_decay=scale_decay,
-        stat_every=stat_every,
-        inv_every=inv_every,
-        stat_decay=stat_decay,
-        kl_clip=kl_clip,
-        fisher=fisher,
-        loss_average=loss_average,
-        skip_layers=skip_layers,
-        layers=layers,
-    )
+build_tekfac = curvature_factory(TEKFAC, "tekfac")
 
 
 register(

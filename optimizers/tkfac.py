@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ._kronecker import _columns, _gram
 from ._layers import LayerHelper
 from ._linalg import safe_inv
-from .base import CurvatureBlock, CurvatureOptimizer, Schedule
+from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
 from .registry import OptimizerSpec, register
 
 __all__ = ["CONV_DAMPINGS", "TKFAC", "TKFACBlock", "TRACE_FORMS", "build_tkfac"]
@@ -108,9 +108,8 @@ class TKFACBlock(CurvatureBlock):
         self.diagonal = layer.diagonal_input
         self.m = layer.out_dim
         self.n = layer.in_dim
-        if stat_dtype is None:  # as KroneckerBlock: float64 batch sums on CPU (DDP-reproducible)
-            stat_dtype = torch.float64 if self.device.type == "cpu" else self.dtype
-        self.stat_dtype = torch.promote_types(stat_dtype, self.dtype)
+        # as KroneckerBlock: batch sums in the compute dtype unless the optimizer's stat_dtype
+        self.stat_dtype = torch.promote_types(stat_dtype or self.dtype, self.dtype)
 
     # -- statistics ---------------------------------------------------------------------
     def update_factor_stats(self, a: Tensor, g: Tensor) -> None:
@@ -241,43 +240,7 @@ class TKFAC(CurvatureOptimizer):
         return TKFACBlock(layer, trace_form=self.trace_form, conv_damping=self.conv_damping)
 
 
-def build_tkfac(
-    model: nn.Module,
-    *,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    damping: float = 1e-2,
-    trace_form: str = "weighted",
-    conv_damping: str = "standard",
-    stat_every: Schedule = 10,
-    inv_every: Schedule = 100,
-    stat_decay: float = 0.95,
-    kl_clip: float | None = 1e-2,
-    fisher: str = "ef",
-    loss_average: str = "batch",
-    skip_layers: Sequence[str] | None = None,
-    layers: Sequence[str] | None = None,
-) -> TKFAC:
-    return TKFAC(
-        model,
-        lr=lr,
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        damping=damping,
-        trace_form=trace_form,
-        conv_damping=conv_damping,
-        stat_every=stat_every,
-        inv_every=inv_every,
-        stat_decay=stat_decay,
-        kl_clip=kl_clip,
-        fisher=fisher,
-        loss_average=loss_average,
-        skip_layers=skip_layers,
-        layers=layers,
-    )
+build_tkfac = curvature_factory(TKFAC, "tkfac")
 
 
 register(

@@ -110,6 +110,23 @@ def test_conv_factors_equal_direct_unfold(cfg):
     torch.testing.assert_close(G, gr.T @ gr / n_rows)
 
 
+@pytest.mark.parametrize("chunk", [1, 2000, 1 << 20])
+@pytest.mark.parametrize("cfg,c_in", [(c, 2) for c in CONVS] + [(CONVS[1], 30)])
+def test_conv_chunked_input_gram_equals_full_unfold(monkeypatch, cfg, c_in, chunk):
+    """K-FAC's A of a conv is summed over chunks of examples (no full patch matrix): the
+    same sums as one product of the whole batch's patches, for every padding/stride form and
+    chunk sizes of 1 example, a few examples (uneven last chunk) and the whole batch."""
+    conv = nn.Conv2d(c_in, 3, 3, **cfg).to(DT)  # 30 channels: k = 270, the split product
+    helper = Conv2dHelper("c", conv)
+    monkeypatch.setattr(Conv2dHelper, "GRAM_CHUNK_ELEMENTS", chunk)
+    x = torch.randn(7, c_in, 7, 6, dtype=DT)
+    rows = helper.input_rows(x, homogeneous=False).reshape(-1, 9 * c_in)
+    gram, colsum, n_rows = helper.input_gram(x, dtype=DT)
+    torch.testing.assert_close(gram, rows.T @ rows)
+    torch.testing.assert_close(colsum, rows.sum(0))
+    assert n_rows == rows.shape[0]
+
+
 def test_linear_grad_matrix_layout_and_bias_permutation():
     lin = nn.Linear(4, 3).to(DT)
     x = torch.randn(6, 4, dtype=DT)
