@@ -4,9 +4,10 @@ Pauloski et al., "KAISA: An Adaptive Second-Order Optimizer Framework for Deep N
 (SC 2021), as summarised in ALGORITHMS.md §1.8.  Under DDP with world size ``W > 1``:
 
 * **statistics** — every rank accumulates its local batch; before ``commit_stats`` the pending
-  sums and their ``rows``/``examples`` counters of every block are all-reduced (averaged over
-  ranks) in one flat bucket per dtype, so the committed running statistics are identical on every
-  rank and equal to a 1-process run on the global batch (equal local batches);
+  sums and their ``rows``/``examples`` counters of every block are all-reduced (summed over
+  ranks) in one flat bucket per dtype, so the committed running statistics (sums over counts)
+  are identical on every rank and equal to a 1-process run on the global batch, also with
+  unequal local batches;
 * **decompositions** — with gradient-worker fraction ``f ∈ [1/W, 1]`` there are ``g = W·f``
   gradient workers per block.  Ranks form a ``g × (W/g)`` grid (row-major); the *columns* are
   the gradient-worker groups, the *rows* the gradient-receiver groups.  Blocks go, in descending
@@ -168,8 +169,11 @@ class KaisaComm:
 
     # ------------------------------------------------------------------ statistics
     def reduce_pending(self, blocks: list[CurvatureBlock]) -> None:
-        """Average every block's pending sums and counters over ranks (one flat bucket per
-        dtype; the counters ride in the widest bucket)."""
+        """Sum every block's pending sums and counters over ranks (one flat bucket per dtype;
+        the counters ride in the widest bucket).  Afterwards the pending state is that of the
+        global batch: every block normalises its sums by the (global) counts, so the result
+        equals one process on the whole batch, and counts kept across steps (e.g. SNGD's
+        rows seen) are global too."""
         if not blocks:
             return
         t0 = time.perf_counter()
@@ -197,13 +201,13 @@ class KaisaComm:
             dist.all_reduce(flat)
             off = 0
             for b, k, t in mine:
-                b._pending[k] = flat[off : off + t.numel()].view_as(t) / self.world
+                b._pending[k] = flat[off : off + t.numel()].view_as(t)
                 off += t.numel()
             if i == 0:
                 summed = flat[off:].tolist()
         for j, b in enumerate(blocks):
-            b._pending_rows = _count(summed[2 * j] / self.world)
-            b._pending_examples = _count(summed[2 * j + 1] / self.world)
+            b._pending_rows = _count(summed[2 * j])
+            b._pending_examples = _count(summed[2 * j + 1])
         self.seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ decompositions

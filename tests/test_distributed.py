@@ -24,11 +24,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-#: methods that diverge at their default lr on the tiny autoencoder (see
-#: tests/test_integration_curvature.py): compared at a smaller step, the same in both runs
-LR_MULT = {"mbf": 0.01, "ngplus": 0.01, "sngd": 0.01}
-
-
 def _run(tmp_path: Path, nproc: int, opt: str, root: str, *extra: str) -> Path:
     # float64 batch sums: a float32 sum depends on the summation order (two half sums vs one),
     # ~1e-4 after a dozen steps at this damping; the option exists for exactly this check
@@ -44,7 +39,6 @@ def _run(tmp_path: Path, nproc: int, opt: str, root: str, *extra: str) -> Path:
         "train.steps=12",
         "train.eval_every=6",
         "train.batch_size=200",
-        f"train.lr_mult={LR_MULT.get(opt, 1.0)}",
         *exact,
         *extra,
     ]
