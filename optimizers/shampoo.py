@@ -263,7 +263,8 @@ class Shampoo(torch.optim.Optimizer):
         return dict(self._times)
 
     def memory_usage(self) -> dict[str, int]:
-        """Bytes held in optimizer state: factors, roots, graft second moments, moment buffers."""
+        """Bytes held in optimizer state: factors, roots, graft second moments, moment buffers,
+        and their ``total``."""
         out = {"factors": 0, "roots": 0, "graft": 0, "moments": 0}
         for st in self.state.values():
             for key, name in (("factors", "factors"), ("roots", "roots")):
@@ -273,6 +274,7 @@ class Shampoo(torch.optim.Optimizer):
             for key in ("exp_avg", "momentum_buffer"):
                 if key in st:
                     out["moments"] += st[key].numel() * st[key].element_size()
+        out["total"] = sum(out.values())
         return out
 
     def block_shapes(self, p: torch.Tensor) -> list[tuple[int, ...]]:

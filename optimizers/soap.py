@@ -130,7 +130,7 @@ class SOAP(torch.optim.Optimizer):
         return dict(self._times)
 
     def memory_usage(self) -> dict[str, int]:
-        """Bytes of factors, bases and Adam moments."""
+        """Bytes of factors, bases and Adam moments, and their ``total``."""
         out = {"factors": 0, "roots": 0, "moments": 0}
         for st in self.state.values():
             out["factors"] += sum(t.numel() * t.element_size() for t in st.get("GG", []))
@@ -138,6 +138,7 @@ class SOAP(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in st:
                     out["moments"] += st[key].numel() * st[key].element_size()
+        out["total"] = sum(out.values())
         return out
 
     @staticmethod

@@ -94,9 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[tune] {opt}: best at the edge of the grid; consider another round")
         if args.write:
             path = REPO / "configs" / "tuned" / f"{args.task}_{opt}.yaml"
-            keep = {}
+            keep, notes = {}, []
             if path.exists():
-                keep = (yaml.safe_load(path.read_text()) or {}).get("optimizer", {})
+                text = path.read_text()
+                keep = (yaml.safe_load(text) or {}).get("optimizer", {})
+                # earlier provenance (e.g. how a damping was chosen) stays; old lr lines go
+                notes = [
+                    line for line in text.splitlines()
+                    if line.startswith("#") and "@package" not in line
+                    and not line.startswith(("# Tuned by:", "# grid of lr_mult"))
+                ]
             keep["lr"] = float(f"{lr:.4g}")
             header = (
                 "# @package _global_\n"
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--seeds {args.seeds} {' '.join(args.overrides)} --write\n"
                 f"# grid of lr_mult around lr={base_lr:g}, mean final target metric: {table}\n"
             )
+            header += "".join(line + "\n" for line in notes)
             path.write_text(header + yaml.safe_dump({"optimizer": keep}, sort_keys=False))
             print(f"[tune] wrote {path.relative_to(REPO)}")
     return 0
