@@ -160,6 +160,14 @@ def summary_table(df: pd.DataFrame, published: pd.DataFrame | None = None) -> pd
         ref_label = None
         if len(base):
             ref_label = base.idxmin() if mode == "min" else base.idxmax()
+        # fastest first-order baseline to target (every seed reached): the time reference
+        tt = tdf[tdf["optimizer"].isin(BASELINES)].groupby("label")
+        tt_means = {
+            lab: float(g["time_to_target_s"].mean())
+            for lab, g in tt
+            if g["time_to_target_s"].notna().all()
+        }
+        time_ref = min(tt_means, key=tt_means.__getitem__) if tt_means else None
         for label, g in tdf.groupby("label", sort=False):
             fm, fs, fn = _mean_std(g["final"])
             bm, bs, bn = _mean_std(g["best"])
@@ -194,6 +202,10 @@ def summary_table(df: pd.DataFrame, published: pd.DataFrame | None = None) -> pd
                 row["p_vs_" + "best_baseline"] = welch_p(
                     g["final"], tdf.loc[tdf["label"] == ref_label, "final"]
                 )
+            if time_ref is not None and label != time_ref and reached.all():
+                ref_t = tdf.loc[tdf["label"] == time_ref, "time_to_target_s"]
+                row["time_vs_fastest_baseline"] = round(tm / tt_means[time_ref], 3)
+                row["p_time"] = welch_p(g["time_to_target_s"], ref_t)
             paper = published_for(task, g["optimizer"].iloc[0], published)
             if paper:
                 row["paper"] = paper

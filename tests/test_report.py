@@ -95,6 +95,27 @@ def test_report_table_numbers_and_skips(tmp_path):
     assert out["scores"]["sgd"] == 0.0
 
 
+def test_time_to_target_ratio_and_test_against_the_fastest_baseline(tmp_path):
+    from scipy import stats
+
+    runs = tmp_path / "runs"
+    for s, t in enumerate([1.0, 2.0, 3.0]):
+        _fake_run(runs, "kfac", s, final=70.0 + s, ttt=t)
+    for s, t in enumerate([4.0, 5.0, 6.0]):
+        _fake_run(runs, "adamw", s, final=75.0 + s, ttt=t)
+    for s, t in enumerate([7.0, 8.0, 9.0]):
+        _fake_run(runs, "sgd", s, final=76.0 + s, ttt=t)
+    _fake_run(runs, "mbf", 0, final=71.0, ttt=0.5)
+    _fake_run(runs, "mbf", 1, final=99.0, ttt=None)  # a seed that missed: no ratio
+    t = report.report(runs, tmp_path / "out", quiet=True)["table"].set_index("optimizer")
+    assert t.loc["kfac", "time_vs_fastest_baseline"] == pytest.approx(2.0 / 5.0, abs=1e-3)
+    assert t.loc["sgd", "time_vs_fastest_baseline"] == pytest.approx(8.0 / 5.0, abs=1e-3)
+    expected = stats.ttest_ind([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], equal_var=False).pvalue
+    assert t.loc["kfac", "p_time"] == pytest.approx(expected)
+    assert math.isnan(t.loc["adamw", "time_vs_fastest_baseline"])  # the reference itself
+    assert math.isnan(t.loc["mbf", "time_vs_fastest_baseline"])
+
+
 def test_welch_p_matches_scipy():
     from scipy import stats
 
