@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             grid[mult].append(worst if value is None or not math.isfinite(value) else float(value))
         means = {m: sum(v) / len(v) for m, v in grid.items()}
         best = (min if mode == "min" else max)(means, key=means.__getitem__)
+        # a tie (e.g. a KL clip that fixes the step length whatever the lr) keeps the centre
+        ties = [m for m, v in means.items() if abs(v - means[best]) <= 1e-3 * abs(means[best])]
+        best = min(ties, key=lambda m: abs(math.log(m)))
         results[opt] = grid
         lr = base_lr * best
         table = ", ".join(f"x{m:g}: {means[m]:.4g}" for m in sorted(means))
