@@ -196,16 +196,21 @@ class EigenCorrection:
         if f.factors:
             self.update_factor_stats(a, g)  # type: ignore[attr-defined]
         if self.scalings == "exact" and f.scalings and self.has_basis:
-            s = projected_second_moment(
-                a, g, self.tensors.get("QA"), self.tensors["QG"], n=self.n,
-                has_bias=self.layer.has_bias,
-            )  # fmt: skip
-            if f.factors:  # rows/examples are counted by the factor statistics
-                self.accumulate("S", s)  # type: ignore[attr-defined]
-            else:
-                self.accumulate(  # type: ignore[attr-defined]
-                    "S", s, rows=g.shape[0] * g.shape[1], examples=g.shape[0]
-                )
+            self.update_stats_from_rows(a, g, counted=f.factors)
+
+    def update_stats_from_rows(self, a: Tensor, g: Tensor, *, counted: bool) -> None:
+        """Accumulate the exact scalings' ``S`` from input rows ``a`` and output gradients
+        ``g``; ``counted``: the factor statistics already counted these rows/examples."""
+        s = projected_second_moment(
+            a, g, self.tensors.get("QA"), self.tensors["QG"], n=self.n,
+            has_bias=self.layer.has_bias,
+        )  # fmt: skip
+        if counted:
+            self.accumulate("S", s)  # type: ignore[attr-defined]
+        else:
+            self.accumulate(  # type: ignore[attr-defined]
+                "S", s, rows=g.shape[0] * g.shape[1], examples=g.shape[0]
+            )
 
     def commit_stats(self, decay: float) -> None:
         sums, rows, examples = self.take_pending()  # type: ignore[attr-defined]

@@ -56,8 +56,33 @@ class EKFACBlock(EigenCorrection, KroneckerBlock):
     ) -> None:
         KroneckerBlock.__init__(self, layer, damping_form="eigen")
         self.init_correction(scalings=scalings, scale_decay=scale_decay, flags=flags)
-        # the exact scalings project per-example input rows: capture rows, not the raw input
-        self.raw_input = scalings != "exact"
+
+    #: the raw input is captured (as K-FAC); the exact scalings build their per-example input
+    #: rows chunk by chunk in :meth:`update_stats`, so a conv's full patch matrix never exists
+    raw_input = True
+    #: input-row elements per chunk of examples in :meth:`update_stats`
+    ROW_CHUNK_ELEMENTS = 1 << 21
+
+    def update_stats(self, a: Tensor, g: Tensor) -> None:
+        f = self.flags
+        if not (self.scalings == "exact" and f.scalings and self.has_basis):
+            if f.factors:
+                KroneckerBlock.update_stats(self, a, g)
+            return
+        N = g.shape[0]
+        # chunk only when the raw input's first dim is the examples' (not for token-level
+        # examples or an unbatched conv input) and on CPU (cache-sized pieces)
+        batched = a.shape[0] == N and not (self.layer.kind == "conv2d" and a.dim() == 3)
+        per_example = max(1, g[0].numel() * self.n // max(1, self.m))  # ~ T·n input elements
+        step = N
+        if batched and a.device.type == "cpu":
+            step = max(1, self.ROW_CHUNK_ELEMENTS // per_example)
+        for i in range(0, N, step):
+            ai, gi = (a, g) if step >= N else (a[i : i + step], g[i : i + step])
+            if f.factors:  # counts rows/examples for the S sums too
+                KroneckerBlock.update_stats(self, ai, gi)
+            rows = self.layer.input_rows(ai, homogeneous=False)
+            EigenCorrection.update_stats_from_rows(self, rows, gi, counted=f.factors)
 
     def update_factor_stats(self, a: Tensor, g: Tensor) -> None:
         KroneckerBlock.update_stats(self, a, g)

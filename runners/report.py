@@ -258,6 +258,13 @@ def _curves(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[pd.DataFrame
     return by_task
 
 
+def _color(k: int) -> tuple[float, ...]:
+    """Distinct colours for many optimizers: tab10, then the same hues dashed (caller)."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](k % 10)
+
+
 def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib
 
@@ -280,14 +287,17 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         for i, metric in enumerate(metrics):
             for j, xkey in enumerate(("step", "train_time_s")):
                 ax = axes[i][j]
-                for label, frames in sorted(per_opt.items()):
+                for k, (label, frames) in enumerate(sorted(per_opt.items())):
                     frames = [f for f in frames if metric in f]
                     if not frames:
                         continue
                     n = min(len(f) for f in frames)
                     ys = np.stack([f[metric].to_numpy(dtype=float)[:n] for f in frames])
                     xs = np.stack([f[xkey].to_numpy(dtype=float)[:n] for f in frames]).mean(0)
-                    (line,) = ax.plot(xs, np.nanmean(ys, 0), label=f"{label} (n={len(frames)})")
+                    (line,) = ax.plot(
+                        xs, np.nanmean(ys, 0), label=f"{label} (n={len(frames)})",
+                        color=_color(k), ls=("-", "--", ":")[(k // 10) % 3],
+                    )
                     if len(frames) > 1:
                         ax.fill_between(
                             xs,
@@ -321,8 +331,11 @@ def plot_profile(rho: pd.DataFrame, score: pd.Series, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label in score.index:
-        ax.step(rho.columns, rho.loc[label], where="post", label=f"{label} ({score[label]:.2f})")
+    for k, label in enumerate(score.index):
+        ax.step(
+            rho.columns, rho.loc[label], where="post", label=f"{label} ({score[label]:.2f})",
+            color=_color(k), ls=("-", "--", ":")[(k // 10) % 3],
+        )
     ax.set_xlabel("τ (time to target / fastest)")
     ax.set_ylabel("ρ(τ): fraction of tasks")
     ax.set_ylim(-0.02, 1.02)

@@ -93,8 +93,15 @@ def run(model, opt, x, y, steps):
 
 
 # --------------------------------------------------------------------------- §2.7.1
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("make", [mlp, conv_net])
-def test_exact_scalings_equal_diag_of_projected_dense_ef(make):
+def test_exact_scalings_equal_diag_of_projected_dense_ef(monkeypatch, make, chunked):
+    if chunked:  # statistics one example at a time (uneven chunks are the default's case)
+        from optimizers._layers import Conv2dHelper
+        from optimizers.ekfac import EKFACBlock
+
+        monkeypatch.setattr(EKFACBlock, "ROW_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(Conv2dHelper, "GRAM_CHUNK_ELEMENTS", 1)
     model = make()
     x, y = data(model, 7)
     opt = EKFAC(model, lr=0.0, inv_every=100, **BASE)
