@@ -19,6 +19,8 @@ its own example and ``T == 1``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -97,6 +99,25 @@ class LayerHelper:
         x = self.input_rows(a, homogeneous=False)
         xt = x.reshape(-1, x.shape[-1]).t().to(dtype)
         return gram(xt), xt.sum(1), xt.shape[1]
+
+    def example_chunks(
+        self, a: Tensor, g: Tensor, *, elements: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(a_chunk, g_chunk)`` pieces of the raw input ``a`` and the output rows ``g``
+        (``(N, T, m)``), a few examples at a time so that ``input_rows(a_chunk)`` has about
+        ``elements`` entries (cache-sized; a conv's whole patch matrix is never built).  One
+        piece when ``a``'s first dim is not the examples' (token-level examples, an unbatched
+        conv input) or off the CPU (one large product is faster on an accelerator)."""
+        N = g.shape[0]
+        batched = a.dim() > 0 and a.shape[0] == N and not (self.kind == "conv2d" and a.dim() == 3)
+        step = N
+        if batched and a.device.type == "cpu":
+            step = max(1, elements // max(1, g.shape[1] * self.in_dim))
+        if step >= N:
+            yield a, g
+            return
+        for i in range(0, N, step):
+            yield a[i : i + step], g[i : i + step]
 
     def grad_multiplier(self, g: Tensor) -> float:
         """Hook value -> per-example gradient: N (``batch``) or N·R (``tokens``)."""

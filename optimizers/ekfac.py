@@ -69,16 +69,7 @@ class EKFACBlock(EigenCorrection, KroneckerBlock):
             if f.factors:
                 KroneckerBlock.update_stats(self, a, g)
             return
-        N = g.shape[0]
-        # chunk only when the raw input's first dim is the examples' (not for token-level
-        # examples or an unbatched conv input) and on CPU (cache-sized pieces)
-        batched = a.shape[0] == N and not (self.layer.kind == "conv2d" and a.dim() == 3)
-        per_example = max(1, g[0].numel() * self.n // max(1, self.m))  # ~ T·n input elements
-        step = N
-        if batched and a.device.type == "cpu":
-            step = max(1, self.ROW_CHUNK_ELEMENTS // per_example)
-        for i in range(0, N, step):
-            ai, gi = (a, g) if step >= N else (a[i : i + step], g[i : i + step])
+        for ai, gi in self.layer.example_chunks(a, g, elements=self.ROW_CHUNK_ELEMENTS):
             if f.factors:  # counts rows/examples for the S sums too
                 KroneckerBlock.update_stats(self, ai, gi)
             rows = self.layer.input_rows(ai, homogeneous=False)

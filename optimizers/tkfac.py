@@ -90,6 +90,11 @@ class TKFACBlock(CurvatureBlock):
     """
 
     homogeneous_input = False
+    #: the raw input is captured; ``update_stats`` builds input rows a few examples at a time
+    #: (per-example traces and weights are exact per chunk; the sums add up)
+    raw_input = True
+    #: input-row elements per chunk of examples
+    ROW_CHUNK_ELEMENTS = 1 << 21
     statistic_keys = frozenset({"Phi", "Psi", "trace", "T"})
 
     def __init__(
@@ -139,7 +144,8 @@ class TKFACBlock(CurvatureBlock):
             )
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:
-        self.update_factor_stats(a, g)
+        for ai, gi in self.layer.example_chunks(a, g, elements=self.ROW_CHUNK_ELEMENTS):
+            self.update_factor_stats(self.layer.input_rows(ai, homogeneous=False), gi)
 
     def commit_factor_sums(
         self, sums: dict[str, Tensor], rows: int, examples: int, decay: float

@@ -146,15 +146,18 @@ def test_equal_norm_examples_give_trace_normalized_kfac_factors():
 
 
 # --------------------------------------------------------------------------- conv / embedding
+# rows per example: T·n = 16·19 = 304 -> one piece, one example, two (5 = 2+2+1) per chunk
+@pytest.mark.parametrize("chunk", [1 << 21, 1, 608])
 @pytest.mark.parametrize("form", FORMS)
-def test_conv_statistics_sum_locations_per_example(form):
+def test_conv_statistics_sum_locations_per_example(monkeypatch, form, chunk):
+    monkeypatch.setattr(TKFACBlock, "ROW_CHUNK_ELEMENTS", chunk)
     conv = nn.Conv2d(2, 3, 3, padding=1).to(DT)
     h = make_helper("c", conv)
     x = torch.randn(5, 2, 4, 4, dtype=DT)
     a_h = h.input_rows(x)  # (N, T, n)
     g = torch.randn(5, a_h.shape[1], 3, dtype=DT)
     b = TKFACBlock(h, trace_form=form)
-    b.update_stats(h.input_rows(x, homogeneous=False), g)
+    b.update_stats(x, g)  # the raw conv input, as the optimizer's hook captures it
     b.commit_stats(0.95)
     T = a_h.shape[1]
     lam = [a_h[n].T @ a_h[n] for n in range(5)]  # Λ_n = Σ_t ā ā ᵀ
@@ -259,7 +262,9 @@ def test_tekfac_equals_tkfac_right_after_recompute_and_eigen_damping_differs():
         assert not same(out["eig"][k], out["tk"][k])
 
 
-def test_tekfac_exact_scalings_equal_diag_of_projected_dense_ef():
+@pytest.mark.parametrize("chunk", [1 << 21, 1])  # one piece / one example per chunk
+def test_tekfac_exact_scalings_equal_diag_of_projected_dense_ef(monkeypatch, chunk):
+    monkeypatch.setattr(TKFACBlock, "ROW_CHUNK_ELEMENTS", chunk)
     model = mlp()
     x, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 3, (8,))
     opt = TEKFAC(model, lr=0.0, inv_every=100, **BASE)
