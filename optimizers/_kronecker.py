@@ -78,13 +78,18 @@ class KroneckerBlock(CurvatureBlock):
     # -- statistics ---------------------------------------------------------------
     homogeneous_input = False  # the bias column of A is built from row sums (no copy)
     raw_input = True  # A from ``layer.input_gram`` (conv: chunked unfold, no full patch copy)
+    raw_output = True  # G from ``layer.output_gram`` (conv: chunked, from g's own layout)
     #: running statistics; the rest (``_DERIVED``) is broadcast under DDP (KAISA)
     statistic_keys = frozenset({"A", "G", "T"})
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:
-        gt = _columns(g, self.stat_dtype)
-        rows = gt.shape[1]
-        self.accumulate("G", _gram(gt), rows=rows, examples=g.shape[0])
+        if self.raw_output:  # the hook's value: the helper scales and sums it (conv: chunked)
+            g_sum, rows, examples = self.layer.output_gram(g, dtype=self.stat_dtype)
+            self.accumulate("G", g_sum, rows=rows, examples=examples)
+        else:
+            gt = _columns(g, self.stat_dtype)
+            rows = gt.shape[1]
+            self.accumulate("G", _gram(gt), rows=rows, examples=g.shape[0])
         if self.diagonal:
             if self.raw_input:
                 a = self.layer.input_rows(a)

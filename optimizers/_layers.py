@@ -92,6 +92,13 @@ class LayerHelper:
         """``(N, T, m)`` output gradients; ``scaled`` multiplies by :meth:`grad_multiplier`."""
         raise NotImplementedError
 
+    def output_gram(self, g: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, int, int]:
+        """``(Σ ĝ ĝᵀ, rows, examples)`` over the scaled output rows ``ĝ`` of the raw hook
+        value ``g`` (:meth:`output_rows`), summed in ``dtype``."""
+        rows = self.output_rows(g)
+        gt = rows.reshape(-1, rows.shape[-1]).t().to(dtype)
+        return gram(gt), gt.shape[1], rows.shape[0]
+
     def input_gram(self, a: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
         """``(Σ x xᵀ, Σ x, rows)`` over the ``N·T`` input rows ``x`` (bias column left out)
         of the raw module input ``a``, summed in ``dtype``.  The default goes through
@@ -236,6 +243,31 @@ class Conv2dHelper(LayerHelper):
             padding = m.padding
         return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
 
+    def patch_columns(self, a: Tensor) -> Tensor:
+        """``(C_in·kh·kw, N·T)`` patch columns of a batched input, built by one strided copy
+        of the (padded) input: the layout the Gram product wants, without ``unfold``'s
+        ``(N, C·kh·kw, T)`` intermediate and its transpose (measured 1.2-1.8x faster on CPU for
+        the small CNN's convs).  Columns in ``weight.view(C_out, -1)`` order."""
+        m = self.module
+        if self._explicit_pad:
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(a, self._pad, mode=mode)
+        elif any(m.padding):
+            ph, pw = m.padding
+            x = F.pad(a, (pw, pw, ph, ph))
+        else:
+            x = a
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        n, c, hp, wp = x.shape
+        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+        s_n, s_c, s_h, s_w = x.stride()
+        view = x.as_strided(
+            (c, kh, kw, n, ho, wo),
+            (s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw),
+            x.storage_offset(),
+        )
+        return view.reshape(c * kh * kw, n * ho * wo)
+
     def input_rows(self, a: Tensor, *, homogeneous: bool = True) -> Tensor:
         p = self.patches(a.detach()).transpose(1, 2)  # (N, T, C k k), a view
         return self._append_ones(p) if self.has_bias and homogeneous else p
@@ -250,14 +282,30 @@ class Conv2dHelper(LayerHelper):
     def grad_multiplier(self, g: Tensor) -> float:
         return float(g.shape[0]) if g.dim() == 4 else 1.0
 
+    def output_gram(self, g: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, int, int]:
+        """As :meth:`LayerHelper.output_gram`, from ``g``'s own ``(N, C_out, H·W)`` layout a
+        few examples at a time (no transposed copy of the whole gradient), scaled once."""
+        g = g.detach()
+        if g.dim() == 3:
+            g = g.unsqueeze(0)
+        mult = self.grad_multiplier(g)
+        flat = g.flatten(2)  # (N, m, T)
+        n, m, t = flat.shape
+        step = max(1, self.GRAM_CHUNK_ELEMENTS // max(1, m * t)) if g.device.type == "cpu" else n
+        acc = torch.zeros(m, m, dtype=dtype, device=g.device)
+        for i in range(0, n, step):
+            gt = flat[i : i + step].transpose(0, 1).reshape(m, -1).to(dtype)
+            add_gram_(acc, gt, complete=False)
+        return complete_gram_(acc).mul_(mult * mult), n * t, n
+
     #: unfolded elements per chunk in :meth:`input_gram` (~4 MB in float32: cache-sized)
     GRAM_CHUNK_ELEMENTS = 1 << 20
 
     def input_gram(self, a: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
-        """As :meth:`LayerHelper.input_gram`, unfolding a few examples at a time: the whole
-        batch's patches (``C·kh·kw`` times the input) are never materialised, and the small
-        chunks stay in cache (measured on 2 CPU threads, small-CNN convs: 1.6x faster than
-        unfold-all + one GEMM)."""
+        """As :meth:`LayerHelper.input_gram`, a few examples at a time (:meth:`patch_columns`):
+        the whole batch's patches (``C·kh·kw`` times the input) are never materialised, and the
+        small chunks stay in cache (measured on 2 CPU threads, small-CNN convs: 1.6x faster
+        than unfold-all + one GEMM)."""
         a = a.detach()
         if a.dim() == 3:
             a = a.unsqueeze(0)
@@ -267,12 +315,11 @@ class Conv2dHelper(LayerHelper):
         n, rows, i = a.shape[0], 0, 0
         step = 1 if a.device.type == "cpu" else n  # one big GEMM on an accelerator
         while i < n:
-            p = self.patches(a[i : i + step])  # (c, k, T)
-            xt = p.transpose(0, 1).reshape(k, -1).to(dtype)
+            xt = self.patch_columns(a[i : i + step]).to(dtype)  # (k, c·T)
             add_gram_(acc, xt, complete=False)
             colsum += xt.sum(1)
             rows += xt.shape[1]
-            i += p.shape[0]
+            i += min(step, n - i)
             if i == 1 and n > 1:  # after the first example: chunk size from its patch count
                 step = max(1, self.GRAM_CHUNK_ELEMENTS // max(1, xt.numel()))
         return complete_gram_(acc), colsum, rows

@@ -181,6 +181,9 @@ class CurvatureBlock:
     #: because autograd itself keeps that input for the weight gradient (in-place changes
     #: to it would fail the backward)
     raw_input = False
+    #: ``True``: ``update_stats`` receives the hook's raw output gradient (the layer's
+    #: ``output_rows`` not applied: the block scales it, e.g. with ``layer.output_gram``)
+    raw_output = False
 
     #: names in ``tensors`` that are running *statistics* (written by ``commit_stats`` from the
     #: rank-averaged pending sums, so identical on every rank; never broadcast).  Everything
@@ -586,7 +589,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layer = self.layers[name]
         a = entry.a
         entry.a, entry.used, entry.fallback = None, True, None
-        self.blocks[name].update_stats(a, layer.output_rows(g))
+        block = self.blocks[name]
+        block.update_stats(a, g.detach() if block.raw_output else layer.output_rows(g))
         self._times["statistics"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ MC Fisher

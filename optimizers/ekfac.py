@@ -60,6 +60,7 @@ class EKFACBlock(EigenCorrection, KroneckerBlock):
     #: the raw input is captured (as K-FAC); the exact scalings build their per-example input
     #: rows chunk by chunk in :meth:`update_stats`, so a conv's full patch matrix never exists
     raw_input = True
+    raw_output = False  # the scalings' projections need the per-example output rows
     #: input-row elements per chunk of examples in :meth:`update_stats`
     ROW_CHUNK_ELEMENTS = 1 << 21
 

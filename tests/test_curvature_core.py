@@ -113,7 +113,7 @@ def test_conv_factors_equal_direct_unfold(cfg):
 @pytest.mark.parametrize("chunk", [1, 2000, 1 << 20])
 @pytest.mark.parametrize("cfg,c_in", [(c, 2) for c in CONVS] + [(CONVS[1], 30)])
 def test_conv_chunked_input_gram_equals_full_unfold(monkeypatch, cfg, c_in, chunk):
-    """K-FAC's A of a conv is summed over chunks of examples (no full patch matrix): the
+    """K-FAC's A (and G) of a conv is summed over chunks of examples (no full patch matrix): the
     same sums as one product of the whole batch's patches, for every padding/stride form and
     chunk sizes of 1 example, a few examples (uneven last chunk) and the whole batch."""
     conv = nn.Conv2d(c_in, 3, 3, **cfg).to(DT)  # 30 channels: k = 270, the split product
@@ -125,6 +125,12 @@ def test_conv_chunked_input_gram_equals_full_unfold(monkeypatch, cfg, c_in, chun
     torch.testing.assert_close(gram, rows.T @ rows)
     torch.testing.assert_close(colsum, rows.sum(0))
     assert n_rows == rows.shape[0]
+    # G side: the scaled output rows' sum from the hook value's own layout, chunked alike
+    g = torch.randn_like(conv(x))
+    g_rows = helper.output_rows(g).reshape(-1, 3)
+    g_sum, g_n, examples = helper.output_gram(g, dtype=DT)
+    torch.testing.assert_close(g_sum, g_rows.T @ g_rows)
+    assert (g_n, examples) == (g_rows.shape[0], x.shape[0])
 
 
 def test_linear_grad_matrix_layout_and_bias_permutation():
