@@ -269,7 +269,11 @@ class Conv2dHelper(LayerHelper):
         return view.reshape(c * kh * kw, n * ho * wo)
 
     def input_rows(self, a: Tensor, *, homogeneous: bool = True) -> Tensor:
-        p = self.patches(a.detach()).transpose(1, 2)  # (N, T, C k k), a view
+        a = a.detach()
+        if a.dim() == 3:
+            a = a.unsqueeze(0)
+        cols = self.patch_columns(a)  # (C k k, N·T), one strided copy
+        p = cols.t().reshape(a.shape[0], -1, cols.shape[0])  # (N, T, C k k), a view
         return self._append_ones(p) if self.has_bias and homogeneous else p
 
     def output_rows(self, g: Tensor, *, scaled: bool = True) -> Tensor:

@@ -120,7 +120,8 @@ def test_conv_chunked_input_gram_equals_full_unfold(monkeypatch, cfg, c_in, chun
     helper = Conv2dHelper("c", conv)
     monkeypatch.setattr(Conv2dHelper, "GRAM_CHUNK_ELEMENTS", chunk)
     x = torch.randn(7, c_in, 7, 6, dtype=DT)
-    rows = helper.input_rows(x, homogeneous=False).reshape(-1, 9 * c_in)
+    rows = helper.patches(x).transpose(1, 2).reshape(-1, 9 * c_in)  # F.unfold, independent
+    torch.testing.assert_close(helper.input_rows(x, homogeneous=False).reshape(rows.shape), rows)
     gram, colsum, n_rows = helper.input_gram(x, dtype=DT)
     torch.testing.assert_close(gram, rows.T @ rows)
     torch.testing.assert_close(colsum, rows.sum(0))
