@@ -340,7 +340,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     preconditions and broadcasts the result (MEM_OPT); ``W·f`` must divide ``W``),
     ``stat_dtype`` (``None`` = the compute dtype, or ``"float32"`` / ``"float64"``: the dtype of
     the per-step batch sums of outer products; ``"float64"`` makes a 2-process DDP run
-    reproduce a 1-process run to ~1e-12 at about twice the statistics cost on CPU).
+    reproduce a 1-process run within 1e-4, where float32 sums drift ~2e-4, at about twice the
+    statistics cost on CPU).
 
     Under DDP build the optimizer on the bare model after ``init_process_group``; the
     distributed work assignment is made at the first :meth:`step`.  Before saving a checkpoint
