@@ -154,9 +154,10 @@ def projected_second_moment(
 class EigenCorrection:
     """Mixin for a :class:`~optimizers.base.CurvatureBlock` with a Kronecker eigenbasis.
 
-    The host block stores its basis in ``tensors["QA"]`` (absent for an embedding) and
-    ``tensors["QG"]``, implements ``update_factor_stats(a, g)`` (factor statistics of one
-    captured call), ``commit_factor_sums(sums, rows, examples, decay)`` and calls
+    The host block captures the raw layer input (``raw_input = True``), stores its basis in
+    ``tensors["QA"]`` (absent for an embedding) and ``tensors["QG"]``, implements
+    ``update_factor_stats(rows, g)`` (factor statistics from input rows ``(N, T, n-1)`` and
+    output rows), ``commit_factor_sums(sums, rows, examples, decay)`` and calls
     :meth:`reset_scalings` at the end of its ``refresh``.  Tensors added here: ``s`` (scalings),
     ``damp`` (the damping term ``D``, scalar or ``m × n``) and ``scale = 1/(s + D)``.
     """
@@ -192,11 +193,20 @@ class EigenCorrection:
         return "QG" in self.tensors and "s" in self.tensors
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:
+        """``a``: the raw layer input.  Input rows are built a few examples at a time
+        (``layer.example_chunks``; a conv's whole patch matrix never exists) and feed both the
+        factor statistics and the exact scalings' projections."""
         f = self.flags
-        if f.factors:
-            self.update_factor_stats(a, g)  # type: ignore[attr-defined]
-        if self.scalings == "exact" and f.scalings and self.has_basis:
-            self.update_stats_from_rows(a, g, counted=f.factors)
+        exact = self.scalings == "exact" and f.scalings and self.has_basis
+        if not (f.factors or exact):
+            return
+        elements = self.ROW_CHUNK_ELEMENTS  # type: ignore[attr-defined]
+        for ai, gi in self.layer.example_chunks(a, g, elements=elements):
+            rows = self.layer.input_rows(ai, homogeneous=False)
+            if f.factors:
+                self.update_factor_stats(rows, gi)  # type: ignore[attr-defined]
+            if exact:
+                self.update_stats_from_rows(rows, gi, counted=f.factors)
 
     def update_stats_from_rows(self, a: Tensor, g: Tensor, *, counted: bool) -> None:
         """Accumulate the exact scalings' ``S`` from input rows ``a`` and output gradients

@@ -84,7 +84,13 @@ class KroneckerBlock(CurvatureBlock):
     statistic_keys = frozenset({"A", "G", "T"})
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:
-        if self.raw_output:  # the hook's value: the helper scales and sums it (conv: chunked)
+        self.add_factor_stats(a, g, raw_a=self.raw_input, raw_g=self.raw_output)
+
+    def add_factor_stats(self, a: Tensor, g: Tensor, *, raw_a: bool, raw_g: bool) -> None:
+        """Accumulate the batch sums of ``A`` and ``G`` from the raw hook values (``raw_*``:
+        the helper's ``input_gram`` / ``output_gram``, chunked for convs) or from input rows
+        ``(N, T, n-1)`` and output rows ``(N, T, m)``."""
+        if raw_g:  # the hook's value: the helper scales and sums it (conv: chunked)
             g_sum, rows, examples = self.layer.output_gram(g, dtype=self.stat_dtype)
             self.accumulate("G", g_sum, rows=rows, examples=examples)
         else:
@@ -92,12 +98,12 @@ class KroneckerBlock(CurvatureBlock):
             rows = gt.shape[1]
             self.accumulate("G", _gram(gt), rows=rows, examples=g.shape[0])
         if self.diagonal:
-            if self.raw_input:
+            if raw_a:
                 a = self.layer.input_rows(a)
             counts = torch.bincount(a.reshape(-1), minlength=self.n)
             self.accumulate("A", counts.to(self.stat_dtype))
             return
-        if self.raw_input:
+        if raw_a:
             a0, s, rows_a = self.layer.input_gram(a, dtype=self.stat_dtype)
         else:
             xt = _columns(a, self.stat_dtype)

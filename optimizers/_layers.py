@@ -102,7 +102,7 @@ class LayerHelper:
     def input_gram(self, a: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
         """``(Σ x xᵀ, Σ x, rows)`` over the ``N·T`` input rows ``x`` (bias column left out)
         of the raw module input ``a``, summed in ``dtype``.  The default goes through
-        :meth:`input_rows`; :class:`Conv2dHelper` unfolds chunk by chunk instead."""
+        :meth:`input_rows`; :class:`Conv2dHelper` builds patch columns chunk by chunk instead."""
         x = self.input_rows(a, homogeneous=False)
         xt = x.reshape(-1, x.shape[-1]).t().to(dtype)
         return gram(xt), xt.sum(1), xt.shape[1]
@@ -206,7 +206,8 @@ class LinearHelper(LayerHelper):
 
 
 class Conv2dHelper(LayerHelper):
-    """``nn.Conv2d`` (stride, padding incl. ``'same'`` and non-zero modes, dilation) via unfold.
+    """``nn.Conv2d`` (stride, padding incl. ``'same'`` and non-zero modes, dilation) via
+    strided patches.
 
     ``groups > 1`` is not supported (see :func:`unsupported_reason`).
     """
@@ -230,24 +231,12 @@ class Conv2dHelper(LayerHelper):
         m = self.module
         return m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(self.has_bias)
 
-    def patches(self, a: Tensor) -> Tensor:
-        """``(N, C_in·kh·kw, T)`` patches (columns in ``weight.view(C_out, -1)`` order)."""
-        m = self.module
-        if a.dim() == 3:
-            a = a.unsqueeze(0)
-        if self._explicit_pad:
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            a = F.pad(a, self._pad, mode=mode)
-            padding = 0
-        else:
-            padding = m.padding
-        return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-
     def patch_columns(self, a: Tensor) -> Tensor:
         """``(C_in·kh·kw, N·T)`` patch columns of a batched input, built by one strided copy
         of the (padded) input: the layout the Gram product wants, without ``unfold``'s
         ``(N, C·kh·kw, T)`` intermediate and its transpose (measured 1.2-1.8x faster on CPU for
-        the small CNN's convs).  Columns in ``weight.view(C_out, -1)`` order."""
+        the small CNN's convs).  Columns in ``weight.view(C_out, -1)`` order; padding modes
+        other than zeros and ``padding="same"`` go through an explicit ``F.pad``."""
         m = self.module
         if self._explicit_pad:
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
@@ -302,7 +291,8 @@ class Conv2dHelper(LayerHelper):
             add_gram_(acc, gt, complete=False)
         return complete_gram_(acc).mul_(mult * mult), n * t, n
 
-    #: unfolded elements per chunk in :meth:`input_gram` (~4 MB in float32: cache-sized)
+    #: patch (and gradient) elements per chunk in :meth:`input_gram` / :meth:`output_gram`
+    #: (~4 MB in float32: cache-sized)
     GRAM_CHUNK_ELEMENTS = 1 << 20
 
     def input_gram(self, a: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:

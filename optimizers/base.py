@@ -184,6 +184,9 @@ class CurvatureBlock:
     #: ``True``: ``update_stats`` receives the hook's raw output gradient (the layer's
     #: ``output_rows`` not applied: the block scales it, e.g. with ``layer.output_gram``)
     raw_output = False
+    #: input-row elements per chunk when a raw-input block builds rows itself
+    #: (``layer.example_chunks``): ~8 MB in float32, cache-sized
+    ROW_CHUNK_ELEMENTS = 1 << 21
 
     #: names in ``tensors`` that are running *statistics* (written by ``commit_stats`` from the
     #: rank-averaged pending sums, so identical on every rank; never broadcast).  Everything

@@ -57,27 +57,12 @@ class EKFACBlock(EigenCorrection, KroneckerBlock):
         KroneckerBlock.__init__(self, layer, damping_form="eigen")
         self.init_correction(scalings=scalings, scale_decay=scale_decay, flags=flags)
 
-    #: the raw input is captured (as K-FAC); the exact scalings build their per-example input
-    #: rows chunk by chunk in :meth:`update_stats`, so a conv's full patch matrix never exists
+    #: raw input captured (as K-FAC); :meth:`EigenCorrection.update_stats` builds the rows
     raw_input = True
     raw_output = False  # the scalings' projections need the per-example output rows
-    #: input-row elements per chunk of examples in :meth:`update_stats`
-    ROW_CHUNK_ELEMENTS = 1 << 21
 
-    def update_stats(self, a: Tensor, g: Tensor) -> None:
-        f = self.flags
-        if not (self.scalings == "exact" and f.scalings and self.has_basis):
-            if f.factors:
-                KroneckerBlock.update_stats(self, a, g)
-            return
-        for ai, gi in self.layer.example_chunks(a, g, elements=self.ROW_CHUNK_ELEMENTS):
-            if f.factors:  # counts rows/examples for the S sums too
-                KroneckerBlock.update_stats(self, ai, gi)
-            rows = self.layer.input_rows(ai, homogeneous=False)
-            EigenCorrection.update_stats_from_rows(self, rows, gi, counted=f.factors)
-
-    def update_factor_stats(self, a: Tensor, g: Tensor) -> None:
-        KroneckerBlock.update_stats(self, a, g)
+    def update_factor_stats(self, rows: Tensor, g: Tensor) -> None:
+        self.add_factor_stats(rows, g, raw_a=False, raw_g=False)
 
     def commit_factor_sums(
         self, sums: dict[str, Tensor], rows: int, examples: int, decay: float

@@ -69,20 +69,6 @@ class TEKFACBlock(EigenCorrection, TKFACBlock):
         self.damping_style = damping_style
         self.init_correction(scalings=scalings, scale_decay=scale_decay, flags=flags)
 
-    def update_stats(self, a: Tensor, g: Tensor) -> None:
-        # raw input (TKFACBlock.raw_input): rows are built chunk by chunk for both the factor
-        # statistics and the exact scalings' projections
-        f = self.flags
-        exact = self.scalings == "exact" and f.scalings and self.has_basis
-        if not (f.factors or exact):
-            return
-        for ai, gi in self.layer.example_chunks(a, g, elements=self.ROW_CHUNK_ELEMENTS):
-            rows = self.layer.input_rows(ai, homogeneous=False)
-            if f.factors:
-                self.update_factor_stats(rows, gi)
-            if exact:
-                self.update_stats_from_rows(rows, gi, counted=f.factors)
-
     def refresh(self, damping: float) -> bool:
         if "Phi" not in self.tensors:
             return True

@@ -93,8 +93,6 @@ class TKFACBlock(CurvatureBlock):
     #: the raw input is captured; ``update_stats`` builds input rows a few examples at a time
     #: (per-example traces and weights are exact per chunk; the sums add up)
     raw_input = True
-    #: input-row elements per chunk of examples
-    ROW_CHUNK_ELEMENTS = 1 << 21
     statistic_keys = frozenset({"Phi", "Psi", "trace", "T"})
 
     def __init__(

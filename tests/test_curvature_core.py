@@ -110,6 +110,18 @@ def test_conv_factors_equal_direct_unfold(cfg):
     torch.testing.assert_close(G, gr.T @ gr / n_rows)
 
 
+def _unfold_rows(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``(N·T, C·kh·kw)`` patch rows by ``F.unfold`` (explicit ``F.pad`` for padding modes
+    and ``"same"``): the reference for the helper's strided patch columns."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    else:
+        padding = conv.padding
+    p = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+    return p.transpose(1, 2).reshape(-1, p.shape[1])
+
+
 @pytest.mark.parametrize("chunk", [1, 2000, 1 << 20])
 @pytest.mark.parametrize("cfg,c_in", [(c, 2) for c in CONVS] + [(CONVS[1], 30)])
 def test_conv_chunked_input_gram_equals_full_unfold(monkeypatch, cfg, c_in, chunk):
@@ -120,7 +132,7 @@ def test_conv_chunked_input_gram_equals_full_unfold(monkeypatch, cfg, c_in, chun
     helper = Conv2dHelper("c", conv)
     monkeypatch.setattr(Conv2dHelper, "GRAM_CHUNK_ELEMENTS", chunk)
     x = torch.randn(7, c_in, 7, 6, dtype=DT)
-    rows = helper.patches(x).transpose(1, 2).reshape(-1, 9 * c_in)  # F.unfold, independent
+    rows = _unfold_rows(conv, x)  # F.unfold, independent of the helper
     torch.testing.assert_close(helper.input_rows(x, homogeneous=False).reshape(rows.shape), rows)
     gram, colsum, n_rows = helper.input_gram(x, dtype=DT)
     torch.testing.assert_close(gram, rows.T @ rows)
