@@ -258,11 +258,12 @@ def _curves(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[pd.DataFrame
     return by_task
 
 
-def _color(k: int) -> tuple[float, ...]:
-    """Distinct colours for many optimizers: tab10, then the same hues dashed (caller)."""
+def _style(k: int) -> dict[str, Any]:
+    """Line style of the ``k``-th optimizer: the 10 tab10 colours, then the same hues dashed,
+    then dotted, so that more than 10 optimizers stay distinguishable."""
     import matplotlib
 
-    return matplotlib.colormaps["tab10"](k % 10)
+    return {"color": matplotlib.colormaps["tab10"](k % 10), "ls": ("-", "--", ":")[(k // 10) % 3]}
 
 
 def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -295,8 +296,7 @@ def plot_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
                     ys = np.stack([f[metric].to_numpy(dtype=float)[:n] for f in frames])
                     xs = np.stack([f[xkey].to_numpy(dtype=float)[:n] for f in frames]).mean(0)
                     (line,) = ax.plot(
-                        xs, np.nanmean(ys, 0), label=f"{label} (n={len(frames)})",
-                        color=_color(k), ls=("-", "--", ":")[(k // 10) % 3],
+                        xs, np.nanmean(ys, 0), label=f"{label} (n={len(frames)})", **_style(k)
                     )
                     if len(frames) > 1:
                         ax.fill_between(
@@ -334,7 +334,7 @@ def plot_profile(rho: pd.DataFrame, score: pd.Series, out: Path) -> Path | None:
     for k, label in enumerate(score.index):
         ax.step(
             rho.columns, rho.loc[label], where="post", label=f"{label} ({score[label]:.2f})",
-            color=_color(k), ls=("-", "--", ":")[(k // 10) % 3],
+            **_style(k),
         )
     ax.set_xlabel("τ (time to target / fastest)")
     ax.set_ylabel("ρ(τ): fraction of tasks")

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         means = {m: sum(v) / len(v) for m, v in grid.items()}
         best = (min if mode == "min" else max)(means, key=means.__getitem__)
         # a tie (e.g. a KL clip that fixes the step length whatever the lr) keeps the centre
-        ties = [m for m, v in means.items() if abs(v - means[best]) <= 1e-3 * abs(means[best])]
+        top = means[best]
+        ties = [m for m, v in means.items() if v == top or abs(v - top) <= 1e-3 * abs(top)]
         best = min(ties, key=lambda m: abs(math.log(m)))
         results[opt] = grid
         lr = base_lr * best
