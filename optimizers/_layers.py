@@ -231,6 +231,17 @@ class Conv2dHelper(LayerHelper):
         m = self.module
         return m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(self.has_bias)
 
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        """Output height and width for an ``h × w`` input (padding, dilation, stride)."""
+        m = self.module
+        if self._explicit_pad:
+            left, right, top, bottom = self._pad
+            h, w = h + top + bottom, w + left + right
+        else:
+            h, w = h + 2 * m.padding[0], w + 2 * m.padding[1]
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+
     def patch_columns(self, a: Tensor) -> Tensor:
         """``(C_in·kh·kw, N·T)`` patch columns of a batched input, built by one strided copy
         of the (padded) input: the layout the Gram product wants, without ``unfold``'s
@@ -247,8 +258,8 @@ class Conv2dHelper(LayerHelper):
         else:
             x = a
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-        n, c, hp, wp = x.shape
-        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+        n, c = x.shape[:2]
+        ho, wo = self._out_hw(*a.shape[-2:])
         s_n, s_c, s_h, s_w = x.stride()
         view = x.as_strided(
             (c, kh, kw, n, ho, wo),
@@ -306,16 +317,16 @@ class Conv2dHelper(LayerHelper):
         k = self.in_dim - int(self.has_bias)
         acc = torch.zeros(k, k, dtype=dtype, device=a.device)
         colsum = torch.zeros(k, dtype=dtype, device=a.device)
-        n, rows, i = a.shape[0], 0, 0
-        step = 1 if a.device.type == "cpu" else n  # one big GEMM on an accelerator
-        while i < n:
+        n, rows = a.shape[0], 0
+        step = n  # one big GEMM on an accelerator
+        if a.device.type == "cpu":
+            ho, wo = self._out_hw(*a.shape[-2:])
+            step = max(1, self.GRAM_CHUNK_ELEMENTS // max(1, k * ho * wo))
+        for i in range(0, n, step):
             xt = self.patch_columns(a[i : i + step]).to(dtype)  # (k, c·T)
             add_gram_(acc, xt, complete=False)
             colsum += xt.sum(1)
             rows += xt.shape[1]
-            i += min(step, n - i)
-            if i == 1 and n > 1:  # after the first example: chunk size from its patch count
-                step = max(1, self.GRAM_CHUNK_ELEMENTS // max(1, xt.numel()))
         return complete_gram_(acc), colsum, rows
 
 

@@ -16,6 +16,13 @@ Choices (explicit options, defaults first):
   not on every step as in the paper: the per-example projections cost about as much as the
   factor statistics, so the step time stays close to K-FAC's.  ``scale_every=1`` is the paper's
   schedule (every step then captures activations and output gradients).
+* ``projection_dtype="auto"`` — the row projections behind the exact scalings (``ā Q_A``,
+  ``g Q_G`` and their per-example products) are multiplied in bfloat16 when the factors are
+  float32 and the hardware multiplies bfloat16 natively (AVX512-BF16/AMX CPUs, CUDA ≥ 8.0);
+  the squares are summed in float32.  On the small CNN's 577-wide conv layer this halves the
+  projection time; the scalings differ from float32 products by bfloat16 rounding (~0.5 %
+  relative, far below the sampling noise of a 128-example estimate).  ``"float32"`` (or
+  ``"float64"``) gives the exact products; float64 factors are never rounded.
 * Scalings are not updated on a basis-recompute step, so immediately after a recompute EKFAC's
   direction equals K-FAC's eigen-damped one (§2.7).  The ``k``-th update after a reset is
   ``s ← β_k s + (1-β_k) ŝ`` with ``β_k = min(1-1/k, scale_decay)``: the first per-example
@@ -52,10 +59,16 @@ class EKFACBlock(EigenCorrection, KroneckerBlock):
         *,
         scalings: str = "exact",
         scale_decay: float = 0.95,
+        projection_dtype: str = "auto",
         flags: StepFlags | None = None,
     ) -> None:
         KroneckerBlock.__init__(self, layer, damping_form="eigen")
-        self.init_correction(scalings=scalings, scale_decay=scale_decay, flags=flags)
+        self.init_correction(
+            scalings=scalings,
+            scale_decay=scale_decay,
+            projection_dtype=projection_dtype,
+            flags=flags,
+        )
 
     #: raw input captured (as K-FAC); :meth:`EigenCorrection.update_stats` builds the rows
     raw_input = True
@@ -98,14 +111,24 @@ class EKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
         scalings: str = "exact",
         scale_every: Schedule | None = None,
         scale_decay: float = 0.95,
+        projection_dtype: str = "auto",
         **kwargs,
     ) -> None:
-        self.init_scalings(scalings=scalings, scale_every=scale_every, scale_decay=scale_decay)
+        self.init_scalings(
+            scalings=scalings,
+            scale_every=scale_every,
+            scale_decay=scale_decay,
+            projection_dtype=projection_dtype,
+        )
         super().__init__(model, **kwargs)
 
     def make_block(self, layer: LayerHelper) -> EKFACBlock:
         return EKFACBlock(
-            layer, scalings=self.scalings, scale_decay=self.scale_decay, flags=self.step_flags
+            layer,
+            scalings=self.scalings,
+            scale_decay=self.scale_decay,
+            projection_dtype=self.projection_dtype,
+            flags=self.step_flags,
         )
 
 

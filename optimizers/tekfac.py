@@ -11,7 +11,8 @@ eigenvalues ``δ·d_Ψ⊗d_Φ``; the scalings are then corrected EKFAC-style fro
 projected gradients ``E_n[(Q_Ψᵀ ∇_W ℓ_n Q_Φ)²]`` (``scalings="exact"``, default) or the cheap
 running average (``"ra"``), on the schedule of :mod:`optimizers.ekfac` (``scale_every=None``:
 on statistic steps; not on basis-recompute steps; the first estimate after a reset replaces
-the reset values, later ones are averaged with ``β_k = min(1-1/k, scale_decay)``).
+the reset values, later ones are averaged with ``β_k = min(1-1/k, scale_decay)``; the
+projections are multiplied in ``projection_dtype`` as there).
 
 Damping (``damping_style``):
 
@@ -62,12 +63,18 @@ class TEKFACBlock(EigenCorrection, TKFACBlock):
         damping_style: str = "tkfac",
         scalings: str = "exact",
         scale_decay: float = 0.95,
+        projection_dtype: str = "auto",
         flags: StepFlags | None = None,
     ) -> None:
         _check_choice("damping_style", damping_style, DAMPING_STYLES)
         TKFACBlock.__init__(self, layer, trace_form=trace_form, conv_damping=conv_damping)
         self.damping_style = damping_style
-        self.init_correction(scalings=scalings, scale_decay=scale_decay, flags=flags)
+        self.init_correction(
+            scalings=scalings,
+            scale_decay=scale_decay,
+            projection_dtype=projection_dtype,
+            flags=flags,
+        )
 
     def refresh(self, damping: float) -> bool:
         if "Phi" not in self.tensors:
@@ -112,6 +119,7 @@ class TEKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
         scalings: str = "exact",
         scale_every: Schedule | None = None,
         scale_decay: float = 0.95,
+        projection_dtype: str = "auto",
         **kwargs,
     ) -> None:
         _check_choice("trace_form", trace_form, TRACE_FORMS)
@@ -120,7 +128,12 @@ class TEKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
         self.trace_form = trace_form
         self.conv_damping = conv_damping
         self.damping_style = damping_style
-        self.init_scalings(scalings=scalings, scale_every=scale_every, scale_decay=scale_decay)
+        self.init_scalings(
+            scalings=scalings,
+            scale_every=scale_every,
+            scale_decay=scale_decay,
+            projection_dtype=projection_dtype,
+        )
         super().__init__(model, **kwargs)
 
     def make_block(self, layer: LayerHelper) -> TEKFACBlock:
@@ -131,6 +144,7 @@ class TEKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
             damping_style=self.damping_style,
             scalings=self.scalings,
             scale_decay=self.scale_decay,
+            projection_dtype=self.projection_dtype,
             flags=self.step_flags,
         )
 

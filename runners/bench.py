@@ -145,13 +145,32 @@ def _frequency(opt: Any) -> int:
     return max(vals, default=1)
 
 
-def _make_ours(name: str, spec_model: BenchModel, x: Tensor, y: Tensor, seed: int) -> Runner:
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"ekfac:projection_dtype=float32:scale_every=20"`` -> ``("ekfac", {...})`` (values
+    read as YAML scalars), so variants of one optimizer run side by side in one process."""
+    import yaml
+
+    name, *pairs = text.split(":")
+    hparams: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(
+                f"--optimizers entry {text!r}: expected name:key=value[:key=value...], "
+                f"got {pair!r}"
+            )
+        hparams[key] = yaml.safe_load(value)
+    return name, hparams
+
+
+def _make_ours(label: str, spec_model: BenchModel, x: Tensor, y: Tensor, seed: int) -> Runner:
     from optimizers import build_optimizer, get_spec
 
+    name, hparams = parse_variant(label)
     spec = get_spec(name)
     torch.manual_seed(seed)
     model = spec_model.build()
-    opt = build_optimizer(name, model, lr=LR.get(name, DEFAULT_LR))
+    opt = build_optimizer(name, model, **{"lr": LR.get(name, DEFAULT_LR), **hparams})
     sampled = bool(spec.sampled_fisher)
 
     def step() -> dict[str, float]:
@@ -168,7 +187,7 @@ def _make_ours(name: str, spec_model: BenchModel, x: Tensor, y: Tensor, seed: in
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
 
-    return Runner(name, model, step, opt, curvature=bool(spec.curvature), freq=_frequency(opt))
+    return Runner(label, model, step, opt, curvature=bool(spec.curvature), freq=_frequency(opt))
 
 
 def _make_asdl(kind: str, spec_model: BenchModel, x: Tensor, y: Tensor, seed: int) -> Runner:
@@ -352,7 +371,8 @@ def run_bench(
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     cols = ["statistics", "inverse", "precondition", "communication"]
-    head = (f"{'optimizer':<14} {'step ms':>9} {'cpu ms':>9} {'x sgd':>7} {'x adamw':>8} "
+    w = max(14, *(len(k) for k in results))
+    head = (f"{'optimizer':<{w}} {'step ms':>9} {'cpu ms':>9} {'x sgd':>7} {'x adamw':>8} "
             f"{'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} "
             + " ".join(f"{c[:6] + ' ms':>9}" for c in cols) + f" {'mem MB':>8}")
     lines = [head, "-" * len(head)]
@@ -367,7 +387,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         else:  # ASDL: one forward/backward/curvature/preconditioning call
             split = f"{'(all) ' + ms('forward_backward_precondition'):>17} {ms('optimizer'):>8}"
         lines.append(
-            f"{name:<14} {1e3 * r['mean_step_s']:>9.2f} {1e3 * r['cpu_step_s']:>9.2f} "
+            f"{name:<{w}} {1e3 * r['mean_step_s']:>9.2f} {1e3 * r['cpu_step_s']:>9.2f} "
             f"{r['ratio_vs_sgd']:>7.2f} {r['ratio_vs_adamw']:>8.2f} {split} "
             + " ".join(f"{ms(c):>9}" for c in cols) + f" {r['peak_mem_mb']:>8.2f}"
         )
@@ -392,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model", default="small_cnn", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--optimizers", type=_csv, default=["sgd", "adamw", "kfac"],
-                   help="comma-separated registered optimizers (sgd and adamw always run)")
+                   help="comma-separated registered optimizers (sgd and adamw always run); "
+                   "name:key=value[:key=value] runs a variant, e.g. "
+                   "ekfac:projection_dtype=float32")
     p.add_argument("--peers", type=_csv, default=[],
                    help=f"comma-separated peer packages: {', '.join(PEERS)}")
     p.add_argument("--steps", type=int, default=None,
@@ -416,10 +438,22 @@ def main(argv: list[str] | None = None) -> int:
     from optimizers import list_optimizers
 
     known = list_optimizers()
-    bad = [o for o in a.optimizers if o not in known]
+    try:
+        variants = [(o, *parse_variant(o)) for o in a.optimizers]
+    except ValueError as exc:
+        return fail(str(exc))
+    bad = [o for o, name, _ in variants if name not in known]
     if bad:
         return fail(f"--optimizers: {bad[0]!r} is not registered; valid choices: "
                     + ", ".join(known))
+    from optimizers import get_spec
+    from optimizers.registry import OptimizerConfigError, validate_hparams
+
+    for label, name, hparams in variants:
+        try:
+            validate_hparams(get_spec(name), hparams)
+        except OptimizerConfigError as exc:
+            return fail(f"--optimizers {label!r}: {exc}")
     bad = [o for o in a.peers if o not in PEERS]
     if bad:
         return fail(f"--peers: {bad[0]!r} is not valid; valid choices: {', '.join(PEERS)}")
@@ -430,11 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.warmup < 0:
         return fail(f"--warmup must be >= 0, got {a.warmup}")
     torch.set_num_threads(a.threads)
-    results = run_bench(
-        model=a.model, optimizers=a.optimizers, peers=a.peers, steps=a.steps,
-        warmup=a.warmup, chunk=min(a.chunk, a.steps or a.chunk), batch_size=a.batch_size,
-        seed=a.seed, progress=not a.quiet,
-    )
+    try:
+        results = run_bench(
+            model=a.model, optimizers=a.optimizers, peers=a.peers, steps=a.steps,
+            warmup=a.warmup, chunk=min(a.chunk, a.steps or a.chunk), batch_size=a.batch_size,
+            seed=a.seed, progress=not a.quiet,
+        )
+    except OptimizerConfigError as exc:
+        return fail(f"--optimizers: {exc}")
     print(format_table(results))
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -52,3 +52,29 @@ def test_bad_arguments_name_the_choice(capsys):
     assert "kfac" in capsys.readouterr().err
     assert bench.main(["--peers", "nope"]) == 2
     assert "asdl" in capsys.readouterr().err
+
+
+def test_variants_run_side_by_side(tmp_path):
+    """``name:key=value`` entries run one optimizer at two settings in the same process."""
+    assert bench.parse_variant("ekfac:projection_dtype=float32:scale_every=20") == (
+        "ekfac", {"projection_dtype": "float32", "scale_every": 20})
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--model", "small_cnn", "--optimizers",
+                   "ekfac,ekfac:projection_dtype=float32", "--steps", "2", "--warmup", "0",
+                   "--threads", "1", "--batch-size", "4", "--json", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert {"ekfac", "ekfac:projection_dtype=float32"} <= set(res)
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [("ekfac:projection_dtype", "expected name:key=value"),
+     ("ekfac:bogus=1", "bogus"),
+     ("ekfac:projection_dtype=int8", "projection_dtype")],
+)
+def test_bad_variants_name_the_key(capsys, entry, match):
+    rc = cli.main(["bench", "--optimizers", entry, "--steps", "1", "--warmup", "0", "--quiet",
+                   "--batch-size", "2", "--threads", "1"])
+    assert rc == 2
+    assert match in capsys.readouterr().err

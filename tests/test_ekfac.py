@@ -463,3 +463,85 @@ def test_two_processes_match_one_process_for_the_eigencorrected_family(tmp_path)
             for r in (0, 1):
                 rel = float((got[r][(name, frac)] - ref).norm() / ref.norm())
                 assert rel < 1e-6, (name, frac, r, rel)
+
+
+# ----------------------------------------------------------------------------- projection dtype
+def test_bfloat16_row_projections_stay_close_to_float64_and_sum_in_float32():
+    """``dtype=bfloat16`` multiplies the row projections in bfloat16 and sums their squares in
+    the factor dtype: the result is float32 and within bfloat16's rounding of the exact sums;
+    the ``grads`` path ignores it (its inputs stay float32, bit for bit)."""
+    torch.manual_seed(0)
+    N, T, n_in, m = 6, 5, 20, 7  # T < m: the rows path
+    a = torch.randn(N, T, n_in).relu()
+    g = torch.randn(N, T, m)
+    qa, qg = _orth(n_in + 1).float(), _orth(m).float()
+    ref = projected_second_moment(
+        a.double(), g.double(), qa.double(), qg.double(), n=n_in + 1, has_bias=True
+    )
+    for path in ("rows", "auto"):
+        got = projected_second_moment(
+            a, g, qa, qg, n=n_in + 1, has_bias=True, path=path, dtype=torch.bfloat16
+        )
+        assert got.dtype == torch.float32
+        rel = float((got.double() - ref).norm() / ref.norm())
+        assert 1e-5 < rel < 2e-2, rel  # rounded (not float32-exact), but close
+    f32 = projected_second_moment(a, g, qa, qg, n=n_in + 1, has_bias=True, path="grads")
+    bf = projected_second_moment(
+        a, g, qa, qg, n=n_in + 1, has_bias=True, path="grads", dtype=torch.bfloat16
+    )
+    assert torch.equal(f32, bf)
+    # rank-one rows (T = 1, Linear layers) use the dtype too
+    got1 = projected_second_moment(
+        a[:, :1], g[:, :1], qa, qg, n=n_in + 1, has_bias=True, dtype=torch.bfloat16
+    )
+    ref1 = projected_second_moment(
+        a[:, :1].double(), g[:, :1].double(), qa.double(), qg.double(), n=n_in + 1, has_bias=True
+    )
+    assert got1.dtype == torch.float32
+    assert float((got1.double() - ref1).norm() / ref1.norm()) < 2e-2
+
+
+def test_projection_dtype_auto_follows_factor_dtype_and_hardware(monkeypatch):
+    import optimizers._eigencorrect as ec
+
+    cpu = torch.device("cpu")
+    for choice, want in (("float32", torch.float32), ("float64", torch.float64),
+                         ("bfloat16", torch.bfloat16)):
+        assert ec.resolve_projection_dtype(choice, torch.float64, cpu) == want
+    for native in (True, False):
+        monkeypatch.setattr(ec, "native_bf16_matmul", lambda device, native=native: native)
+        got = ec.resolve_projection_dtype("auto", torch.float32, cpu)
+        assert got == (torch.bfloat16 if native else torch.float32)
+        # float64 factors (the dense-reference tests) are never rounded
+        assert ec.resolve_projection_dtype("auto", torch.float64, cpu) == torch.float64
+    with pytest.raises(ValueError, match="projection_dtype"):
+        ec.resolve_projection_dtype("half", torch.float32, cpu)
+
+
+@pytest.mark.parametrize("name", ["ekfac", "tekfac"])
+def test_bfloat16_projections_give_nearly_the_float32_scalings(name):
+    """One training run per projection dtype (float32 model): after a basis refresh and a
+    scaling update, the damped scales 1/(s + D) agree to bfloat16's rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    y = torch.randint(0, 4, (16,))
+    scales = {}
+    for pd in ("float32", "bfloat16"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 64, 4))
+        opt = build_optimizer(name, model, lr=1e-3, stat_every=1, inv_every=3,
+                              projection_dtype=pd)
+        for _ in range(5):  # basis refresh at step 3, then scaling updates
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        scales[pd] = [b.tensors["scale"].clone() for b in opt.blocks.values()]
+        assert all(b.meta["scale_updates"] >= 1 for b in opt.blocks.values())
+    rels = []
+    for s32, s16 in zip(scales["float32"], scales["bfloat16"], strict=True):
+        assert s16.dtype == torch.float32
+        rels.append(float(((s16 - s32) / s32).abs().max()))
+    assert 0 < max(rels) < 5e-2, rels  # the option takes effect, and only at rounding level
+    with pytest.raises(Exception, match="projection_dtype"):
+        build_optimizer(name, nn.Linear(2, 2), projection_dtype="int8")
