@@ -117,29 +117,34 @@ class TKFACBlock(CurvatureBlock):
     # -- statistics ---------------------------------------------------------------------
     def update_factor_stats(self, a: Tensor, g: Tensor) -> None:
         N, T, _ = g.shape
-        g = g.to(self.stat_dtype)
-        tr_g = g.square().sum((1, 2))  # trΓ_n = Σ_t ‖g_{n,t}‖²
+        sd = self.stat_dtype
+        g3 = g.permute(2, 0, 1)  # (m, N, T) view of the output rows
+        tr_g = g3.square().sum((0, 2), dtype=sd)  # trΓ_n = Σ_t ‖g_{n,t}‖²
         if self.diagonal:
             tr_a = torch.full_like(tr_g, float(T))  # one-hot inputs: ‖ā‖² = 1 per token
+            xt = None
         else:
-            # per-example norms are exact per example; the batch sums below are in stat_dtype
-            tr_a = a.square().sum((1, 2)).to(self.stat_dtype) + (
+            xt = _columns(a, sd)  # (k, N·T): a view of a conv's patch columns
+            # per-example ‖ā_n‖² (exact per example; the batch sums below are in stat_dtype)
+            tr_a = xt.reshape(-1, N, T).square().sum((0, 2)) + (
                 float(T) if self.layer.has_bias else 0.0
             )
         self.accumulate("trace", (tr_a * tr_g).sum(), rows=N * T, examples=N)
         weighted = self.trace_form == "weighted"
-        gt = _columns(g, self.stat_dtype)
-        wg = tr_a.repeat_interleave(T) if weighted else None
-        self.accumulate("Psi", _homog_gram(gt, wg, has_bias=False))
+        # Ψ: one pass builds the (optionally √trΛ_n-scaled) contiguous columns
+        cols = torch.empty(g3.shape, dtype=sd, device=g.device)
+        if weighted:
+            torch.mul(g3, tr_a.sqrt().view(1, N, 1), out=cols)
+        else:
+            cols.copy_(g3)
+        self.accumulate("Psi", _gram(cols.view(g3.shape[0], -1)))
         wa = tr_g.repeat_interleave(T) if weighted else None
-        if self.diagonal:
+        if xt is None:
             ids = a.reshape(-1)
             counts = torch.bincount(ids, weights=wa, minlength=self.n)
-            self.accumulate("Phi", counts.to(self.stat_dtype))
+            self.accumulate("Phi", counts.to(sd))
         else:
-            self.accumulate(
-                "Phi", _homog_gram(_columns(a, self.stat_dtype), wa, has_bias=self.layer.has_bias)
-            )
+            self.accumulate("Phi", _homog_gram(xt, wa, has_bias=self.layer.has_bias))
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:
         for ai, gi in self.layer.example_chunks(a, g, elements=self.ROW_CHUNK_ELEMENTS):
