@@ -484,3 +484,43 @@ def test_blocked_gram_matches_dense_product():
     xt = torch.randn(301, 50, dtype=DT)
     torch.testing.assert_close(_gram(xt), xt @ xt.T)
     torch.testing.assert_close(_gram(xt[:20]), xt[:20] @ xt[:20].T)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "tkfac", "tekfac"])
+def test_autocast_bfloat16_keeps_float32_factor_math(name):
+    """Under ``torch.autocast`` the hooks see bfloat16 activations and gradients; factors,
+    decompositions and scalings stay float32, and the steps track a float32 run's."""
+    from optimizers import build_optimizer
+
+    x = torch.randn(16, 3, 8, 8)
+    y = torch.randint(0, 4, (16,))
+    updates = {}
+    for amp in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 64, 4))
+        opt = build_optimizer(name, model, lr=1e-2, stat_every=1, inv_every=2)
+        updates[amp] = []
+        for _ in range(4):  # refreshes at steps 2 and 4
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            assert out.dtype == (torch.bfloat16 if amp else torch.float32)
+            F.cross_entropy(out.float(), y).backward()
+            opt.step()
+            updates[amp].append(torch.cat(
+                [(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before,
+                                                             strict=True)]))
+        for block in opt.blocks.values():
+            assert block.tensors, name
+            for key, t in block.tensors.items():
+                if t.is_floating_point():
+                    assert t.dtype == torch.float32, (name, key, t.dtype)
+                    assert torch.isfinite(t).all(), (name, key)
+    for k, (d32, d16) in enumerate(zip(updates[False], updates[True], strict=True)):
+        assert d16.dtype == torch.float32
+        rel = float((d16 - d32).norm() / d32.norm())
+        # bfloat16 forward/backward noise (SGD's steps differ by ~0.5 %), amplified by the
+        # damped inverse: measured 2-4 % per step for all four methods
+        assert rel < 0.08, (name, k, rel)
