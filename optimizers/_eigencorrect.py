@@ -339,7 +339,6 @@ class EigenCorrectedOptimizer:
 
     def init_scalings(
         self,
-        *,
         scalings: str,
         scale_every: Schedule | None,
         scale_decay: float,
@@ -353,6 +352,15 @@ class EigenCorrectedOptimizer:
         )
         self.scale_decay = float(scale_decay)
         self.step_flags = StepFlags()
+
+    def correction_options(self) -> dict[str, Any]:
+        """Keyword arguments of :meth:`EigenCorrection.init_correction` for a new block."""
+        return {
+            "scalings": self.scalings,
+            "scale_decay": self.scale_decay,
+            "projection_dtype": self.projection_dtype,
+            "flags": self.step_flags,
+        }
 
     def is_scale_step(self, step: int) -> bool:
         """Scaling update on ``step`` (default ``scale_every=None``: the statistic steps)."""

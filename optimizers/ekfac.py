@@ -114,22 +114,11 @@ class EKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
         projection_dtype: str = "auto",
         **kwargs,
     ) -> None:
-        self.init_scalings(
-            scalings=scalings,
-            scale_every=scale_every,
-            scale_decay=scale_decay,
-            projection_dtype=projection_dtype,
-        )
+        self.init_scalings(scalings, scale_every, scale_decay, projection_dtype)
         super().__init__(model, **kwargs)
 
     def make_block(self, layer: LayerHelper) -> EKFACBlock:
-        return EKFACBlock(
-            layer,
-            scalings=self.scalings,
-            scale_decay=self.scale_decay,
-            projection_dtype=self.projection_dtype,
-            flags=self.step_flags,
-        )
+        return EKFACBlock(layer, **self.correction_options())
 
 
 build_ekfac = curvature_factory(EKFAC, "ekfac")

@@ -128,12 +128,7 @@ class TEKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
         self.trace_form = trace_form
         self.conv_damping = conv_damping
         self.damping_style = damping_style
-        self.init_scalings(
-            scalings=scalings,
-            scale_every=scale_every,
-            scale_decay=scale_decay,
-            projection_dtype=projection_dtype,
-        )
+        self.init_scalings(scalings, scale_every, scale_decay, projection_dtype)
         super().__init__(model, **kwargs)
 
     def make_block(self, layer: LayerHelper) -> TEKFACBlock:
@@ -142,10 +137,7 @@ class TEKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
             trace_form=self.trace_form,
             conv_damping=self.conv_damping,
             damping_style=self.damping_style,
-            scalings=self.scalings,
-            scale_decay=self.scale_decay,
-            projection_dtype=self.projection_dtype,
-            flags=self.step_flags,
+            **self.correction_options(),
         )
 
 

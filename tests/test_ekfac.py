@@ -4,13 +4,13 @@ against torch.func dense empirical-Fisher references (float64, tiny layers)."""
 from __future__ import annotations
 
 import inspect
-import io
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -82,14 +82,6 @@ def kfe(block) -> torch.Tensor:
     return torch.kron(block.tensors["QG"], block.tensors["QA"])
 
 
-def run(model, opt, x, y, steps):
-    grads = []
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        grads.append([p.grad.detach().clone() for p in model.parameters()])
-    return grads
 
 
 # --------------------------------------------------------------------------- §2.7.1
@@ -105,7 +97,7 @@ def test_exact_scalings_equal_diag_of_projected_dense_ef(monkeypatch, make, chun
     model = make()
     x, y = data(model, 7)
     opt = EKFAC(model, lr=0.0, inv_every=100, **BASE)
-    run(model, opt, x, y, 2)  # step 0: basis; step 1 (lr 0: same weights): first estimate
+    train_ce(model, opt, x, y, 2)  # step 0: basis; step 1 (lr 0: same weights): first estimate
     pe = per_example_matrices(model, x, y)
     for name, block in opt.blocks.items():
         assert block.meta["scale_updates"] == 1
@@ -122,7 +114,7 @@ def test_single_example_ekfac_equals_kfac_and_scalings_equal_kronecker_eigenvalu
         torch.manual_seed(1)
         model = mlp()
         opt = cls(model, lr=0.0, inv_every=100, damping=0.05, **BASE)
-        runs[cls] = (opt, run(model, opt, x, y, 3))
+        runs[cls] = (opt, train_ce(model, opt, x, y, 3))
     ek, kf = runs[EKFAC], runs[KFAC]
     for block in ek[0].blocks.values():
         assert block.meta["scale_updates"] == 2
@@ -139,7 +131,7 @@ def test_direction_equals_kfac_right_after_basis_recompute_and_differs_between(m
         torch.manual_seed(1)
         model = make()
         opt = cls(model, lr=0.0, inv_every=3, **BASE)
-        runs[cls] = run(model, opt, x, y, 5)
+        runs[cls] = train_ce(model, opt, x, y, 5)
     for k in range(5):
         same = all(
             torch.allclose(a, b, rtol=1e-9, atol=1e-12)
@@ -153,7 +145,7 @@ def test_exact_scalings_differ_from_kronecker_eigenvalues_for_several_examples()
     model = mlp()
     x, y = data(model, 8)
     opt = EKFAC(model, lr=0.0, inv_every=100, **BASE)
-    run(model, opt, x, y, 2)
+    train_ce(model, opt, x, y, 2)
     for block in opt.blocks.values():
         s, k = block.tensors["s"], block.kfac_eigenvalues()
         assert (s - k).norm() > 0.05 * k.norm()
@@ -165,7 +157,7 @@ def test_frobenius_error_not_larger_than_kfac(make):
     model = make()
     x, y = data(model, 9)
     opt = EKFAC(model, lr=0.0, inv_every=100, stat_decay=0.0, **BASE)
-    run(model, opt, x, y, 2)  # same batch twice: A, G are this batch's factors
+    train_ce(model, opt, x, y, 2)  # same batch twice: A, G are this batch's factors
     pe = per_example_matrices(model, x, y)
     for name, block in opt.blocks.items():
         Fd = dense_ef(pe[name])
@@ -236,7 +228,7 @@ def test_embedding_layer_scalings_match_dense_ef():
     ids = torch.randint(0, 6, (7, 2))
     y = torch.randint(0, 2, (7,))
     opt = EKFAC(model, lr=0.0, inv_every=100, layers=["0"], **BASE)
-    run(model, opt, ids, y, 2)
+    train_ce(model, opt, ids, y, 2)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def one(p, xi, yi):
@@ -255,7 +247,7 @@ def test_running_average_mode_uses_batch_gradient_times_n():
     model = mlp()
     x, y = data(model, 5)
     opt = EKFAC(model, lr=0.0, inv_every=100, scalings="ra", scale_decay=0.75, **BASE)
-    run(model, opt, x, y, 1)
+    train_ce(model, opt, x, y, 1)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     V = {n: h.grad_matrix().clone() for n, h in opt.layers.items()}
@@ -306,28 +298,12 @@ def test_scaling_average_after_a_reset(mode, expect):
 def test_state_dict_round_trip_continues_identically():
     x, y = data(conv_net(), 6)
     torch.manual_seed(3)
-    net = conv_net()
     kw = dict(lr=0.05, momentum=0.9, stat_every=2, inv_every=4, kl_clip=1e-2)
-    opt = EKFAC(net, **kw)
-    run(net, opt, x, y, 7)
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
-    net2 = conv_net()
-    net2.load_state_dict(ck["model"])
-    opt2 = EKFAC(net2, **kw)
-    opt2.load_state_dict(ck["opt"])
-    assert opt2.steps_taken == 7
-    for n, b in opt.blocks.items():
+    _, opt, _, _ = checkpoint_round_trip(
+        conv_net, lambda net: EKFAC(net, **kw), x, y, before=7, after=5
+    )
+    for b in opt.blocks.values():
         assert set(b.tensors) >= {"A", "G", "QA", "QG", "s", "scale"}
-        for k, v in b.tensors.items():
-            assert torch.equal(v, opt2.blocks[n].tensors[k]), (n, k)
-        assert b.meta == opt2.blocks[n].meta
-    run(net, opt, x, y, 5)
-    run(net2, opt2, x, y, 5)
-    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
-        assert torch.equal(p, q)
     assert opt.memory_usage()["s"] > 0
 
 

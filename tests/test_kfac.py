@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
@@ -249,36 +249,14 @@ def _conv_net():
     ).to(DT)
 
 
-def _train(net, opt, x, y, steps):
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
 
 
 def test_state_dict_round_trip_continues_identically():
     x, y = torch.randn(6, 2, 5, 5, dtype=DT), torch.randint(0, 3, (6,))
-    net = _conv_net()
-    opt = KFAC(net, lr=0.05, momentum=0.9, stat_every=2, inv_every=4, kl_clip=1e-2)
-    _train(net, opt, x, y, 5)
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
-
-    net2 = _conv_net()
-    net2.load_state_dict(ck["model"])
-    opt2 = KFAC(net2, lr=0.05, momentum=0.9, stat_every=2, inv_every=4, kl_clip=1e-2)
-    opt2.load_state_dict(ck["opt"])
-    assert opt2.steps_taken == 5
-    for n in opt.blocks:
-        for k, v in opt.blocks[n].tensors.items():
-            assert torch.equal(v, opt2.blocks[n].tensors[k])
-    _train(net, opt, x, y, 5)
-    _train(net2, opt2, x, y, 5)
-    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
-        assert torch.equal(p, q)
-
+    kw = dict(lr=0.05, momentum=0.9, stat_every=2, inv_every=4, kl_clip=1e-2)
+    _, _, net2, opt2 = checkpoint_round_trip(
+        _conv_net, lambda net: KFAC(net, **kw), x, y, before=5, after=5
+    )
     with pytest.raises(ValueError, match="curvature"):
         opt2.load_state_dict(torch.optim.SGD(net2.parameters(), lr=0.1).state_dict())
 
@@ -305,7 +283,7 @@ def test_kfac_trains_a_tiny_conv_net():
     net = _conv_net()
     opt = KFAC(net, lr=0.1, stat_every=2, inv_every=4)
     first = F.cross_entropy(net(x), y).item()
-    _train(net, opt, x, y, 30)
+    train_ce(net, opt, x, y, 30)
     assert F.cross_entropy(net(x), y).item() < 0.5 * first
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import io
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -222,42 +222,23 @@ def test_batched_inverse_and_failure_fallback():
     net = _net()
     x, y = torch.randn(5, 2, 3, 3, dtype=DT), torch.randint(0, 4, (5,))
     opt = mbf(net, lr=0.1, stat_decay=0.9)
-    _train(net, opt, x, y, 1)
+    train_ce(net, opt, x, y, 1)
     old = opt.blocks["3"].tensors["Finv"].clone()
     opt.blocks["3"].tensors["F"].fill_(float("nan"))
     with pytest.warns(RuntimeWarning, match="failed"):
-        _train(net, opt, x, y, 2)
+        train_ce(net, opt, x, y, 2)
     assert torch.equal(opt.blocks["3"].tensors["Finv"], old)
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-def _train(net, opt, x, y, steps):
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
 
 
 @pytest.mark.parametrize("momentum_type", ["heavy_ball", "grad_ema"])
 def test_state_dict_round_trip_and_memory(momentum_type):
     x, y = torch.randn(6, 2, 3, 3, dtype=DT), torch.randint(0, 4, (6,))
-    net = _net()
     kw = dict(lr=0.05, stat_every=2, inv_every=4, momentum_type=momentum_type, weight_decay=0.01)
-    opt = MBF(net, **kw)
-    _train(net, opt, x, y, 5)
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
-    net2 = _net()
-    net2.load_state_dict(ck["model"])
-    opt2 = MBF(net2, **kw)
-    opt2.load_state_dict(ck["opt"])
-    assert opt2.steps_taken == 5
-    _train(net, opt, x, y, 6)
-    _train(net2, opt2, x, y, 6)
-    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _, opt, _, _ = checkpoint_round_trip(_net, lambda net: MBF(net, **kw), x, y,
+                                         before=5, after=6)
     mem = opt.memory_usage()
     # conv: 6 kernels of 2×2 -> (6, 4, 4); Linear rows of 13 and 6: (5, 13, 13), (4, 6, 6)
     blocks = (6 * 16 + 5 * 169 + 4 * 36) * 8
@@ -269,7 +250,7 @@ def test_trains_a_tiny_conv_net():
     net = _net()
     opt = MBF(net, lr=0.05, damping=0.1, stat_every=2, inv_every=4)
     first = F.cross_entropy(net(x), y).item()
-    _train(net, opt, x, y, 30)
+    train_ce(net, opt, x, y, 30)
     assert F.cross_entropy(net(x), y).item() < 0.5 * first
 
 
@@ -277,7 +258,7 @@ def test_embedding_gets_the_plain_direction():
     emb = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2)).to(DT)
     idx, y = torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,))
     opt = mbf(emb, lr=0.1)
-    _train(emb, opt, idx, y, 2)
+    train_ce(emb, opt, idx, y, 2)
     assert not opt.blocks["0"].ready and opt.blocks["2"].ready
 
 

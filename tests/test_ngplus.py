@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import io
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -235,34 +235,15 @@ def _net():
     ).to(DT)
 
 
-def _train(net, opt, x, y, steps):
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
 
 
 def test_state_dict_round_trip_and_training():
     x, y = torch.randn(6, 2, 5, 5, dtype=DT), torch.randint(0, 3, (6,))
-    net = _net()
+    assert NGPlus(_net()).blocks["5"].meta == {"ready": False}
     kw = dict(lr=0.05, stat_every=2, inv_every=4, damping_decay_rate=0.9, damping_decay_every=3)
-    opt = NGPlus(net, **kw)
-    assert opt.blocks["5"].meta == {"ready": False}
-    _train(net, opt, x, y, 5)
+    _, opt, _, _ = checkpoint_round_trip(_net, lambda net: NGPlus(net, **kw), x, y,
+                                         before=5, after=6)
     assert opt.blocks["3"].uses_smw and not opt.blocks["0"].uses_smw  # m = 8 > N = 6
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
-    net2 = _net()
-    net2.load_state_dict(ck["model"])
-    opt2 = NGPlus(net2, **kw)
-    opt2.load_state_dict(ck["opt"])
-    assert opt2.steps_taken == 5
-    _train(net, opt, x, y, 6)
-    _train(net2, opt2, x, y, 6)
-    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
-        assert torch.equal(p, q)
     mem = opt.memory_usage()
     assert mem["total"] > 0 and "inv" in mem and "U" in mem
 
@@ -272,7 +253,7 @@ def test_trains_a_tiny_conv_net():
     net = _net()
     opt = NGPlus(net, lr=0.05, stat_every=2, inv_every=4, smw="never")
     first = F.cross_entropy(net(x), y).item()
-    _train(net, opt, x, y, 12)
+    train_ce(net, opt, x, y, 12)
     assert F.cross_entropy(net(x), y).item() < 0.5 * first
 
 
@@ -280,11 +261,11 @@ def test_numerical_failure_keeps_previous_inverse():
     lin = nn.Linear(3, 2).to(DT)
     x, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))
     opt = ngplus(lin, smw="never", lr=0.1)
-    _train(lin, opt, x, y, 1)
+    train_ce(lin, opt, x, y, 1)
     old = opt.blocks[""].tensors["inv"].clone()
     opt.blocks[""].tensors["F"].fill_(float("nan"))
     with pytest.warns(RuntimeWarning, match="failed"):
-        _train(lin, opt, x, y, 2)
+        train_ce(lin, opt, x, y, 2)
     assert torch.equal(opt.blocks[""].tensors["inv"], old)
     assert all(torch.isfinite(p).all() for p in lin.parameters())
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import io
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 
 from optimizers import build_optimizer, get_spec
@@ -221,33 +221,17 @@ def _net():
     ).to(DT)
 
 
-def _train(net, opt, x, y, steps):
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
 
 
 def test_state_dict_round_trip_training_and_fallback():
     x, y = torch.randn(8, 2, 5, 5, dtype=DT), torch.randint(0, 3, (8,))
-    net = _net()
+    start = [_net()]  # trained first; the copy that loads the checkpoint is a fresh net
+    first = F.cross_entropy(start[0](x), y).item()
     kw = dict(lr=0.05, stat_every=2, inv_every=4, damping=1e-3, momentum=0.0)
-    opt = SNGD(net, **kw)
-    first = F.cross_entropy(net(x), y).item()
-    _train(net, opt, x, y, 5)
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
-    net2 = _net()
-    net2.load_state_dict(ck["model"])
-    opt2 = SNGD(net2, **kw)
-    opt2.load_state_dict(ck["opt"])
-    assert opt2.steps_taken == 5
-    _train(net, opt, x, y, 15)
-    _train(net2, opt2, x, y, 15)
-    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
-        assert torch.equal(p, q)
+    net, opt, _, _ = checkpoint_round_trip(
+        lambda: start.pop() if start else _net(), lambda net: SNGD(net, **kw), x, y,
+        before=5, after=15,
+    )
     assert F.cross_entropy(net(x), y).item() < 0.5 * first
     # conv (first): shared 19²; hidden Linear: 8 units × 76² and 8 × 9²; last: shared 9²
     assert opt.memory_usage()["Minv"] == (19**2 + 8 * 76**2 + 8 * 9**2 + 9**2) * 8
@@ -255,7 +239,7 @@ def test_state_dict_round_trip_training_and_fallback():
     old = opt.blocks["5"].tensors["Minv"].clone()
     opt.blocks["5"].tensors["M"].fill_(float("nan"))
     with pytest.warns(RuntimeWarning, match="failed"):
-        _train(net, opt, x, y, 4)
+        train_ce(net, opt, x, y, 4)
     assert torch.equal(opt.blocks["5"].tensors["Minv"], old)
 
 

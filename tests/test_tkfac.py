@@ -4,7 +4,6 @@ against torch.func dense empirical-Fisher references and closed forms (float64, 
 from __future__ import annotations
 
 import inspect
-import io
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -71,19 +71,11 @@ def dense_ef(pe):
     return v.T @ v / pe.shape[0]
 
 
-def run(model, opt, x, y, steps):
-    grads = []
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        grads.append([p.grad.detach().clone() for p in model.parameters()])
-    return grads
 
 
 def stats_of(model, x, y, **kw):
     opt = TKFAC(model, lr=0.0, **BASE, **kw)
-    run(model, opt, x, y, 1)
+    train_ce(model, opt, x, y, 1)
     return opt
 
 
@@ -180,7 +172,7 @@ def test_embedding_factor_is_diagonal_and_trace_matches_dense_ef():
     model = nn.Sequential(emb, nn.Flatten(), nn.Linear(3, 2).to(DT))
     ids, y = torch.randint(0, 5, (7, 1)), torch.randint(0, 2, (7,))  # one token per example
     opt = TKFAC(model, lr=0.0, layers=["0"], **BASE)
-    run(model, opt, ids, y, 1)
+    train_ce(model, opt, ids, y, 1)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def one(p, xi, yi):
@@ -208,7 +200,7 @@ def test_precondition_equals_damped_kron_solve(conv_damping):
     model = conv_net()
     x, y = torch.randn(6, 2, 4, 4, dtype=DT), torch.randint(0, 3, (6,))
     opt = TKFAC(model, lr=0.0, damping=0.04, conv_damping=conv_damping, **BASE)
-    run(model, opt, x, y, 1)
+    train_ce(model, opt, x, y, 1)
     for name, block in opt.blocks.items():
         phi, psi, delta = block.factors()
         lam = 0.04 * delta if (conv_damping == "trace" and name != "5") else 0.04
@@ -231,7 +223,7 @@ def test_tekfac_single_example_equals_tkfac(form):
         torch.manual_seed(1)
         model = mlp()
         opt = cls(model, lr=0.0, inv_every=100, damping=0.03, trace_form=form, **BASE)
-        out[cls] = (opt, run(model, opt, x, y, 3))
+        out[cls] = (opt, train_ce(model, opt, x, y, 3))
     for block in out[TEKFAC][0].blocks.values():
         assert block.meta["scale_updates"] == 2
         d_psi, d_phi = block.tensors["dG"], block.tensors["dA"]
@@ -252,7 +244,7 @@ def test_tekfac_equals_tkfac_right_after_recompute_and_eigen_damping_differs():
         torch.manual_seed(1)
         model = conv_net()
         opt = cls(model, lr=0.0, inv_every=3, **BASE, **kw)
-        out[key] = run(model, opt, x, y, 5)
+        out[key] = train_ce(model, opt, x, y, 5)
 
     def same(u, v):
         return all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(u, v, strict=True))
@@ -268,7 +260,7 @@ def test_tekfac_exact_scalings_equal_diag_of_projected_dense_ef(monkeypatch, chu
     model = mlp()
     x, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 3, (8,))
     opt = TEKFAC(model, lr=0.0, inv_every=100, **BASE)
-    run(model, opt, x, y, 2)
+    train_ce(model, opt, x, y, 2)
     pe = per_example_matrices(model, x, y)
     for name, block in opt.blocks.items():
         Q = torch.kron(block.tensors["QG"], block.tensors["QA"])
@@ -284,27 +276,11 @@ def test_tekfac_exact_scalings_equal_diag_of_projected_dense_ef(monkeypatch, chu
 def test_state_dict_round_trip_continues_identically(cls):
     x, y = torch.randn(6, 2, 4, 4, dtype=DT), torch.randint(0, 3, (6,))
     torch.manual_seed(3)
-    net = conv_net()
     kw = dict(lr=0.05, momentum=0.9, stat_every=2, inv_every=4, kl_clip=1e-2)
-    opt = cls(net, **kw)
-    run(net, opt, x, y, 7)
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
-    net2 = conv_net()
-    net2.load_state_dict(ck["model"])
-    opt2 = cls(net2, **kw)
-    opt2.load_state_dict(ck["opt"])
-    assert opt2.steps_taken == 7
-    for n, b in opt.blocks.items():
+    _, opt, _, _ = checkpoint_round_trip(conv_net, lambda net: cls(net, **kw), x, y,
+                                         before=7, after=5)
+    for b in opt.blocks.values():
         assert set(b.tensors) >= {"Phi", "Psi", "trace", "T"}
-        for k, v in b.tensors.items():
-            assert torch.equal(v, opt2.blocks[n].tensors[k]), (n, k)
-    run(net, opt, x, y, 5)
-    run(net2, opt2, x, y, 5)
-    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
-        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize(
@@ -343,7 +319,7 @@ def test_trains_tiny_conv_net(cls, kw):
     net = conv_net()
     opt = cls(net, lr=0.1, stat_every=2, inv_every=4, **kw)
     first = F.cross_entropy(net(x), y).item()
-    run(net, opt, x, y, 25)
+    train_ce(net, opt, x, y, 25)
     assert F.cross_entropy(net(x), y).item() < 0.5 * first
 
 

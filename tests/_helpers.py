@@ -1,0 +1,64 @@
+"""Helpers shared by the optimizer tests (imported as ``_helpers``: pytest puts ``tests/`` on
+``sys.path``)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def train_ce(
+    net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, steps: int
+) -> list[list[Tensor]]:
+    """``steps`` cross-entropy steps on the fixed batch; returns each step's gradients."""
+    grads = []
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        grads.append([p.grad.detach().clone() for p in net.parameters() if p.grad is not None])
+    return grads
+
+
+def checkpoint_round_trip(
+    make_net: Callable[[], nn.Module],
+    make_opt: Callable[[nn.Module], Any],
+    x: Tensor,
+    y: Tensor,
+    *,
+    before: int,
+    after: int,
+) -> tuple[nn.Module, Any, nn.Module, Any]:
+    """Train ``before`` steps, save model and optimizer through ``torch.save`` /
+    ``torch.load(weights_only=True)``, rebuild both from fresh objects and load; the step count
+    and every block's tensors and meta must survive.  Then train both ``after`` more steps: the
+    parameters must be bit-identical.  Returns ``(net, opt, net2, opt2)`` for the caller's
+    method-specific checks."""
+    net = make_net()
+    opt = make_opt(net)
+    train_ce(net, opt, x, y, before)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    net2 = make_net()
+    net2.load_state_dict(ck["model"])
+    opt2 = make_opt(net2)
+    opt2.load_state_dict(ck["opt"])
+    assert opt2.steps_taken == before
+    for name, block in opt.blocks.items():
+        other = opt2.blocks[name]
+        assert set(block.tensors) == set(other.tensors), name
+        for key, value in block.tensors.items():
+            assert torch.equal(value, other.tensors[key]), (name, key)
+        assert block.meta == other.meta, name
+    train_ce(net, opt, x, y, after)
+    train_ce(net2, opt2, x, y, after)
+    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    return net, opt, net2, opt2
