@@ -39,6 +39,7 @@ recompute the direction equals the Kronecker method's.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,7 @@ PROJECTION_DTYPES = {
 }
 
 
+@functools.cache
 def native_bf16_matmul(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices in hardware (CPU: AVX512-BF16 or AMX;
     CUDA: compute capability 8.0 or newer)."""
