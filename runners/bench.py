@@ -7,6 +7,8 @@ hides) relative to SGD with momentum and to AdamW on the same model in the same 
 into phases, with peer implementations (ASDL K-FAC/EKFAC, pytorch-optimizer's Shampoo) side by
 side.  Every optimizer trains its own copy of the model on the same fixed batch; they run
 interleaved in rounds of ``--chunk`` steps so that load changes on a shared machine hit all alike.
+``--repeat N`` repeats the whole measurement with fresh models and reports the median of the N
+means (each still includes the refreshes) with the range of the ratios to SGD.
 
     ngbench bench --model small_cnn --optimizers sgd,adamw,kfac --peers asdl,pytorch_optimizer
 """
@@ -369,12 +371,42 @@ def run_bench(
     return out
 
 
+def combine_repeats(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Median over repeated benchmarks (each a fresh set of models, the same process): the
+    step times, ratios, CPU times and phases are the medians; ``ratio_vs_sgd_runs`` /
+    ``ratio_vs_adamw_runs`` keep every repeat's ratio, so the spread is visible."""
+    import statistics
+
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, dict[str, Any]] = {}
+    for name in runs[0]:
+        rs = [r[name] for r in runs if name in r]
+        row = dict(rs[-1])
+        for key in ("mean_step_s", "ratio_vs_sgd", "ratio_vs_adamw", "cpu_step_s"):
+            row[key] = statistics.median(r[key] for r in rs)
+        keys = {k for r in rs for k in r["phases"]}
+        row["phases"] = {
+            k: statistics.median(r["phases"].get(k, 0.0) for r in rs) for k in sorted(keys)
+        }
+        row["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rs)
+        row["max_rss_mb"] = max(r["max_rss_mb"] for r in rs)
+        row["ratio_vs_sgd_runs"] = [r["ratio_vs_sgd"] for r in rs]
+        row["ratio_vs_adamw_runs"] = [r["ratio_vs_adamw"] for r in rs]
+        row["repeats"] = len(rs)
+        out[name] = row
+    return out
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     cols = ["statistics", "inverse", "precondition", "communication"]
     w = max(14, *(len(k) for k in results))
     head = (f"{'optimizer':<{w}} {'step ms':>9} {'cpu ms':>9} {'x sgd':>7} {'x adamw':>8} "
             f"{'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} "
             + " ".join(f"{c[:6] + ' ms':>9}" for c in cols) + f" {'mem MB':>8}")
+    repeats = max(int(r.get("repeats", 1)) for r in results.values())
+    if repeats > 1:
+        head += f" {'x sgd range':>12}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         ph = r["phases"]
@@ -390,11 +422,15 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{name:<{w}} {1e3 * r['mean_step_s']:>9.2f} {1e3 * r['cpu_step_s']:>9.2f} "
             f"{r['ratio_vs_sgd']:>7.2f} {r['ratio_vs_adamw']:>8.2f} {split} "
             + " ".join(f"{ms(c):>9}" for c in cols) + f" {r['peak_mem_mb']:>8.2f}"
+            + (f" {min(r['ratio_vs_sgd_runs']):>5.2f}-{max(r['ratio_vs_sgd_runs']):<6.2f}"
+               if repeats > 1 else "")
         )
     any_r = next(iter(results.values()))
     lines.append(
         f"model {any_r['model']}, batch {any_r['batch_size']}, {any_r['threads']} threads, "
-        f"mean over {any_r['steps']} steps after {any_r['warmup']} warm-up; "
+        f"mean over {any_r['steps']} steps after {any_r['warmup']} warm-up"
+        + (f", median of {repeats} repeats (x sgd range: min-max)" if repeats > 1 else "")
+        + "; "
         f"process max RSS {any_r['max_rss_mb']:.0f} MB. asdl_* fold forward/backward/"
         "preconditioning into one phase."
     )
@@ -424,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=10, help="steps per optimizer per round")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the model's own")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole benchmark N times in this process (fresh models each "
+                        "time) and report medians with the ratio range (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -457,21 +496,26 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in a.peers if o not in PEERS]
     if bad:
         return fail(f"--peers: {bad[0]!r} is not valid; valid choices: {', '.join(PEERS)}")
-    for key in ("steps", "chunk", "threads", "batch_size"):
+    for key in ("steps", "chunk", "threads", "batch_size", "repeat"):
         v = getattr(a, key)
         if v is not None and v < 1:
             return fail(f"--{key.replace('_', '-')} must be >= 1, got {v}")
     if a.warmup < 0:
         return fail(f"--warmup must be >= 0, got {a.warmup}")
     torch.set_num_threads(a.threads)
-    try:
-        results = run_bench(
-            model=a.model, optimizers=a.optimizers, peers=a.peers, steps=a.steps,
-            warmup=a.warmup, chunk=min(a.chunk, a.steps or a.chunk), batch_size=a.batch_size,
-            seed=a.seed, progress=not a.quiet,
-        )
-    except OptimizerConfigError as exc:
-        return fail(f"--optimizers: {exc}")
+    runs = []
+    for i in range(a.repeat):
+        if a.repeat > 1 and not a.quiet:
+            print(f"ngbench bench: repeat {i + 1}/{a.repeat}", file=sys.stderr)
+        try:
+            runs.append(run_bench(
+                model=a.model, optimizers=a.optimizers, peers=a.peers, steps=a.steps,
+                warmup=a.warmup, chunk=min(a.chunk, a.steps or a.chunk),
+                batch_size=a.batch_size, seed=a.seed, progress=not a.quiet,
+            ))
+        except OptimizerConfigError as exc:
+            return fail(f"--optimizers: {exc}")
+    results = combine_repeats(runs)
     print(format_table(results))
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,36 @@ def test_bad_variants_name_the_key(capsys, entry, match):
                    "--batch-size", "2", "--threads", "1"])
     assert rc == 2
     assert match in capsys.readouterr().err
+
+
+def test_repeat_reports_medians_and_every_ratio(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--model", "autoencoder", "--optimizers", "kfac", "--steps", "2",
+                   "--warmup", "0", "--threads", "1", "--batch-size", "4", "--repeat", "3",
+                   "--json", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for r in res.values():
+        assert r["repeats"] == 3 and len(r["ratio_vs_sgd_runs"]) == 3
+        assert r["ratio_vs_sgd"] == sorted(r["ratio_vs_sgd_runs"])[1]  # the median
+        assert min(r["ratio_vs_adamw_runs"]) <= r["ratio_vs_adamw"] <= max(
+            r["ratio_vs_adamw_runs"])
+    assert res["sgd"]["ratio_vs_sgd_runs"] == [1.0, 1.0, 1.0]
+    table = capsys.readouterr().out
+    assert "median of 3 repeats" in table and "x sgd range" in table
+
+
+def test_combine_repeats_medians():
+    def run(step, phase):
+        return {"sgd": {"mean_step_s": 1.0, "ratio_vs_sgd": 1.0, "ratio_vs_adamw": 1.0,
+                        "cpu_step_s": 1.0, "phases": {}, "peak_mem_mb": 1.0, "max_rss_mb": 5.0},
+                "kfac": {"mean_step_s": step, "ratio_vs_sgd": step, "ratio_vs_adamw": step,
+                         "cpu_step_s": step, "phases": {"statistics": phase},
+                         "peak_mem_mb": step, "max_rss_mb": 5.0}}
+    got = bench.combine_repeats([run(1.5, 0.2), run(1.1, 0.4), run(1.2, 0.1)])
+    k = got["kfac"]
+    assert k["mean_step_s"] == 1.2 and k["ratio_vs_sgd"] == 1.2
+    assert k["phases"]["statistics"] == 0.2 and k["peak_mem_mb"] == 1.5
+    assert k["ratio_vs_sgd_runs"] == [1.5, 1.1, 1.2] and k["repeats"] == 3
+    single = run(1.3, 0.3)
+    assert bench.combine_repeats([single]) is single
