@@ -100,11 +100,7 @@ def resolve_projection_dtype(
     float32; the scalings stay float32 sums of the products), otherwise the factor dtype
     (float64 factors, as in the dense-reference tests, stay exact).
     """
-    if choice not in PROJECTION_DTYPES:
-        raise ValueError(
-            f"optimizer.projection_dtype must be one of {', '.join(PROJECTION_DTYPES)}, "
-            f"got {choice!r}"
-        )
+    _check_projection_dtype(choice)
     dtype = PROJECTION_DTYPES[choice]
     if dtype is not None:
         return dtype
@@ -172,9 +168,8 @@ def projected_second_moment(
         raise ValueError(f"path must be auto, rows or grads, got {path!r}")
     N, T, m = g.shape
     out_dtype = qg.dtype
-    g = g.to(out_dtype)
     if qa is None:  # embedding: columns are tokens, Q_A = I
-        gg = (g @ qg).reshape(N * T, m)
+        gg = (g.to(out_dtype) @ qg).reshape(N * T, m)
         ids = a.reshape(N, T)
         keys = (ids + n * torch.arange(N, device=ids.device).unsqueeze(1)).reshape(-1)
         uniq, inv = torch.unique(keys, return_inverse=True)
@@ -185,11 +180,8 @@ def projected_second_moment(
         rows_cost = T * (n * n + m * m + m * n)
         grads_cost = T * m * n + m * n * (m + n)
         path = "rows" if rows_cost <= grads_cost else "grads"
-    if T == 1 or path == "rows":
-        dtype = dtype or out_dtype
-        a, g, qa, qg = a.to(dtype), g.to(dtype), qa.to(dtype), qg.to(dtype)
-    else:
-        a = a.to(out_dtype)
+    work = (dtype or out_dtype) if T == 1 or path == "rows" else out_dtype
+    a, g, qa, qg = a.to(work), g.to(work), qa.to(work), qg.to(work)
     if T == 1:  # rank-one per-example gradients: (gᵀQ_G)² ⊗ (āᵀQ_A)²
         ga = project_rows(a[:, 0], qa, has_bias=has_bias).to(out_dtype)
         return (g[:, 0] @ qg).to(out_dtype).square().t() @ ga.square()
@@ -260,9 +252,7 @@ class EigenCorrection:
         exact = self.scalings == "exact" and f.scalings and self.has_basis
         if not (f.factors or exact):
             return
-        elements = self.ROW_CHUNK_ELEMENTS  # type: ignore[attr-defined]
-        for ai, gi in self.layer.example_chunks(a, g, elements=elements):
-            rows = self.layer.input_rows(ai, homogeneous=False)
+        for rows, gi in self.row_chunks(a, g):  # type: ignore[attr-defined]
             if f.factors:
                 self.update_factor_stats(rows, gi)  # type: ignore[attr-defined]
             if exact:
@@ -392,10 +382,14 @@ def _check_scaling_options(scalings: str, scale_decay: float, projection_dtype: 
             f"optimizer.scalings must be one of {', '.join(SCALING_MODES)}, got {scalings!r}"
         )
     _check_decay("scale_decay", scale_decay)
-    if projection_dtype not in PROJECTION_DTYPES:
+    _check_projection_dtype(projection_dtype)
+
+
+def _check_projection_dtype(choice: str) -> None:
+    if choice not in PROJECTION_DTYPES:
         raise ValueError(
             f"optimizer.projection_dtype must be one of {', '.join(PROJECTION_DTYPES)}, "
-            f"got {projection_dtype!r}"
+            f"got {choice!r}"
         )
 
 

@@ -60,7 +60,6 @@ class KroneckerBlock(CurvatureBlock):
         *,
         damping_form: str = "eigen",
         pi_correction: bool = True,
-        stat_dtype: torch.dtype | None = None,
     ) -> None:
         if damping_form not in DAMPING_FORMS:
             raise ValueError(
@@ -73,8 +72,6 @@ class KroneckerBlock(CurvatureBlock):
         self.diagonal = layer.diagonal_input
         self.m = layer.out_dim
         self.n = layer.in_dim
-        #: dtype of the per-step sums (see the module docstring)
-        self.stat_dtype = torch.promote_types(stat_dtype or self.dtype, self.dtype)
 
     # -- statistics ---------------------------------------------------------------
     homogeneous_input = False  # the bias column of A is built from row sums (no copy)
@@ -108,14 +105,7 @@ class KroneckerBlock(CurvatureBlock):
         else:
             xt = _columns(a, self.stat_dtype)
             a0, s, rows_a = _gram(xt), xt.sum(1), xt.shape[1]
-        if self.layer.has_bias:
-            full = a0.new_empty(self.n, self.n)
-            full[:-1, :-1] = a0
-            full[:-1, -1] = s
-            full[-1, :-1] = s
-            full[-1, -1] = rows_a
-            a0 = full
-        self.accumulate("A", a0)
+        self.accumulate("A", bias_bordered(a0, s, rows_a) if self.layer.has_bias else a0)
 
     def commit_stats(self, decay: float) -> None:
         sums, rows, examples = self.take_pending()
@@ -214,6 +204,18 @@ class KroneckerBlock(CurvatureBlock):
         if self.diagonal:
             inv_a = torch.diag(inv_a)
         return T * torch.kron(torch.linalg.inv(inv_g), torch.linalg.inv(inv_a))
+
+
+def bias_bordered(a0: Tensor, s: Tensor, total: Tensor | float) -> Tensor:
+    """``Σ ā āᵀ`` for homogeneous rows ``ā = [x; 1]`` from ``a0 = Σ x xᵀ``, ``s = Σ x`` and
+    ``total = Σ 1`` (all optionally weighted alike)."""
+    k = a0.shape[0]
+    full = a0.new_empty(k + 1, k + 1)
+    full[:-1, :-1] = a0
+    full[:-1, -1] = s
+    full[-1, :-1] = s
+    full[-1, -1] = total
+    return full
 
 
 def _columns(x: Tensor, dtype: torch.dtype) -> Tensor:

@@ -185,7 +185,7 @@ class CurvatureBlock:
     #: ``output_rows`` not applied: the block scales it, e.g. with ``layer.output_gram``)
     raw_output = False
     #: input-row elements per chunk when a raw-input block builds rows itself
-    #: (``layer.example_chunks``): ~8 MB in float32, cache-sized
+    #: (:meth:`row_chunks`): ~8 MB in float32, cache-sized
     ROW_CHUNK_ELEMENTS = 1 << 21
 
     #: names in ``tensors`` that are running *statistics* (written by ``commit_stats`` from the
@@ -202,6 +202,9 @@ class CurvatureBlock:
         self.layer = layer
         self.dtype = compute_dtype(layer.weight.dtype)
         self.device = layer.weight.device
+        #: dtype of the per-step batch sums of outer products (blocks that form them read it;
+        #: the optimizer's ``stat_dtype`` promotes it)
+        self.stat_dtype = self.dtype
         #: persistent tensors (saved in ``state_dict``, counted in ``memory_usage``)
         self.tensors: dict[str, Tensor] = {}
         #: persistent python scalars
@@ -241,6 +244,13 @@ class CurvatureBlock:
     @property
     def has_pending(self) -> bool:
         return self._pending_rows > 0
+
+    def row_chunks(self, a: Tensor, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(rows, g_chunk)``: input rows without the bias column (``input_rows``) of the raw
+        input ``a``, a few examples at a time (``layer.example_chunks``, about
+        ``ROW_CHUNK_ELEMENTS`` entries each), with the matching output rows."""
+        for ai, gi in self.layer.example_chunks(a, g, elements=self.ROW_CHUNK_ELEMENTS):
+            yield self.layer.input_rows(ai, homogeneous=False), gi
 
     def accumulate(self, key: str, value: Tensor, *, rows: int = 0, examples: int = 0) -> None:
         """Add ``value`` to the pending batch sum ``key``; count ``rows``/``examples`` once per
@@ -443,8 +453,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         }
         if self.stat_dtype is not None:
             for block in self.blocks.values():
-                if hasattr(block, "stat_dtype"):
-                    block.stat_dtype = torch.promote_types(self.stat_dtype, block.dtype)
+                block.stat_dtype = torch.promote_types(self.stat_dtype, block.dtype)
         group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._group_index = {n: group_of[id(h.weight)] for n, h in self.layers.items()}
 

@@ -44,8 +44,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._kronecker import _columns, _gram
+from ._kronecker import _columns, bias_bordered
 from ._layers import LayerHelper
+from ._linalg import gram as _gram
 from ._linalg import safe_inv
 from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
 from .registry import OptimizerSpec, register
@@ -70,15 +71,7 @@ def _homog_gram(xt: Tensor, w: Tensor | None, *, has_bias: bool) -> Tensor:
     else:
         a0 = _gram(xt * w.sqrt())
         s, total = xt @ w, w.sum()
-    if not has_bias:
-        return a0
-    k = xt.shape[0]
-    full = a0.new_empty(k + 1, k + 1)
-    full[:-1, :-1] = a0
-    full[:-1, -1] = s
-    full[-1, :-1] = s
-    full[-1, -1] = total
-    return full
+    return bias_bordered(a0, s, total) if has_bias else a0
 
 
 class TKFACBlock(CurvatureBlock):
@@ -101,7 +94,6 @@ class TKFACBlock(CurvatureBlock):
         *,
         trace_form: str = "weighted",
         conv_damping: str = "standard",
-        stat_dtype: torch.dtype | None = None,
     ) -> None:
         _check_choice("trace_form", trace_form, TRACE_FORMS)
         _check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
@@ -111,8 +103,6 @@ class TKFACBlock(CurvatureBlock):
         self.diagonal = layer.diagonal_input
         self.m = layer.out_dim
         self.n = layer.in_dim
-        # as KroneckerBlock: batch sums in the compute dtype unless the optimizer's stat_dtype
-        self.stat_dtype = torch.promote_types(stat_dtype or self.dtype, self.dtype)
 
     # -- statistics ---------------------------------------------------------------------
     def update_factor_stats(self, a: Tensor, g: Tensor) -> None:
@@ -147,8 +137,8 @@ class TKFACBlock(CurvatureBlock):
             self.accumulate("Phi", _homog_gram(xt, wa, has_bias=self.layer.has_bias))
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:
-        for ai, gi in self.layer.example_chunks(a, g, elements=self.ROW_CHUNK_ELEMENTS):
-            self.update_factor_stats(self.layer.input_rows(ai, homogeneous=False), gi)
+        for rows, gi in self.row_chunks(a, g):
+            self.update_factor_stats(rows, gi)
 
     def commit_factor_sums(
         self, sums: dict[str, Tensor], rows: int, examples: int, decay: float

@@ -478,21 +478,14 @@ def main(argv: list[str] | None = None) -> int:
 
     known = list_optimizers()
     try:
-        variants = [(o, *parse_variant(o)) for o in a.optimizers]
+        names = [parse_variant(o)[0] for o in a.optimizers]
     except ValueError as exc:
         return fail(str(exc))
-    bad = [o for o, name, _ in variants if name not in known]
+    bad = [o for o, name in zip(a.optimizers, names, strict=True) if name not in known]
     if bad:
         return fail(f"--optimizers: {bad[0]!r} is not registered; valid choices: "
                     + ", ".join(known))
-    from optimizers import get_spec
-    from optimizers.registry import OptimizerConfigError, validate_hparams
-
-    for label, name, hparams in variants:
-        try:
-            validate_hparams(get_spec(name), hparams)
-        except OptimizerConfigError as exc:
-            return fail(f"--optimizers {label!r}: {exc}")
+    from optimizers.registry import OptimizerConfigError
     bad = [o for o in a.peers if o not in PEERS]
     if bad:
         return fail(f"--peers: {bad[0]!r} is not valid; valid choices: {', '.join(PEERS)}")

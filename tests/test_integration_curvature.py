@@ -105,16 +105,7 @@ def test_registry_has_the_kfac_family():
     assert set(EXPECTED_NOT_BETTER) <= set(CURVATURE)
 
 
-#: name -> why the comparison is not run (the method is still covered by the contract,
-#: closed-form and distributed tests)
-DIVERGES_AT_DEFAULTS: dict[str, str] = {}
-
-
-def test_exclusions_name_registered_methods():
-    assert set(DIVERGES_AT_DEFAULTS) <= set(CURVATURE)
-
-
-@pytest.mark.parametrize("name", [n for n in CURVATURE if n not in DIVERGES_AT_DEFAULTS])
+@pytest.mark.parametrize("name", CURVATURE)
 def test_beats_sgd_on_tiny_autoencoder(name):
     sgd = _sgd_losses()
     ours = [_final_loss(name, s) for s in SEEDS]
