@@ -24,7 +24,7 @@ RESULTS_OUT  ?= results/autoencoder_mnist_tiny
 .PHONY: data setup demo test test-fast lint bench results clean help
 
 help:
-	@echo "make setup   create .venv (Python 3.12) and install ngbench with its dev extra"
+	@echo "make setup   create .venv (Python 3.12) and install ngbench with its dev and peers extras"
 	@echo "make demo    MNIST autoencoder, every optimizer x 3 seeds, table + plots in results/demo"
 	@echo "make results the committed comparison (800 steps, tuned) in results/autoencoder_mnist_tiny"
 	@echo "make test    the test suite (what CI runs)"
@@ -36,7 +36,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,peers]"
 	@touch $(STAMP)
 	$(MAKE) --no-print-directory data
 

@@ -14,8 +14,12 @@ explicitly with ``damping_form``):
 * ``factored_tikhonov`` — ``(1/T)(G + γ/π I)⁻¹ V (A + πγ I)⁻¹``, ``γ = sqrt(λ/T)``,
   ``π = sqrt((tr A / n) / (tr G / m))`` (``pi_correction=False``: π = 1, the
   ``A + √λ I``, ``G + √λ I`` form of the Goldfarb-group baseline);
-* ``inverse`` — kfac-pytorch's INVERSE form, the same ``λ/T`` added to both factors:
-  ``(1/T)(G + λ/T I)⁻¹ V (A + λ/T I)⁻¹``.
+* ``inverse`` — the same damping added to both factors, in the style of kfac-pytorch's INVERSE
+  method (ALGORITHMS.md §0.5 #3): ``(1/T)(G + λ/T I)⁻¹ V (A + λ/T I)⁻¹``.  It is *not*
+  numerically kfac-pytorch's: that library's factors are ``A/T²`` and ``G/(N²T²)`` in this
+  normalisation (§1.7), so its damping ``λ'`` on both of its factors amounts to ``T²λ'`` on our
+  ``A`` but ``N²T²λ'`` on our ``G`` [I]; no kfac-pytorch damping reproduces this form (same
+  number on both) once a batch has more than one example.
 
 Everything needed per step is precomputed at refresh time, so :meth:`precondition` is two
 (inverse forms) or four (eigen) matrix products.  ``tensors`` holds ``A``, ``G``, ``T`` and, after a

@@ -9,8 +9,10 @@ Each parameter is reshaped once into a "merged" shape (size-1 dims squeezed, adj
 from the back while the product stays <= ``max_preconditioner_dim``), and every dim larger than
 ``max_preconditioner_dim`` is cut into blocks.  A block of order ``k`` keeps one factor per mode,
 ``H_i <- beta2 H_i + w G_(i) G_(i)^T`` (``w = 1`` for ``beta2 = 1``, else ``1 - beta2``), and is
-preconditioned with ``(H_i + eps)^(-1/(2k))`` along every mode.  Roots come from
-``torch.linalg.eigh`` every ``precondition_frequency`` steps; factors are updated every step.
+preconditioned with ``(H_i + eps I)^(-1/(2k))`` along every mode (a factor whose smallest
+eigenvalue came out negative is first shifted to 0, see :func:`matrix_inverse_root`).  Roots
+come from ``torch.linalg.eigh`` every ``precondition_frequency`` steps; factors are updated every
+step.
 The Shampoo direction of each block is rescaled to the norm of a grafted method's direction
 (SGD, AdaGrad, RMSprop or Adam).  Blocks of equal shape within one parameter are stacked, so the
 per-step Python work scales with the number of parameters, not with the number of blocks.
@@ -102,10 +104,15 @@ def _gather(x: torch.Tensor, group: _BlockGroup) -> torch.Tensor:
 def matrix_inverse_root(
     h: torch.Tensor, exponent: float, epsilon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Q diag((lam + eps)^exponent) Q^T`` for a batch of symmetric ``h`` of shape ``(n, d, d)``.
+    """``Q diag((lam + eps)^exponent) Q^T`` for a batch of symmetric ``h`` of shape ``(n, d, d)``:
+    the inverse root of ``h + eps I``.
 
-    If ``lam_min < eps`` the spectrum is first shifted by ``-lam_min`` (Distributed Shampoo's
-    default perturbation).  ``eigh`` runs in ``h``'s dtype and is retried in float64 on failure.
+    Only a spectrum with ``lam_min < 0`` (a factor that lost positive semi-definiteness to
+    rounding) is first shifted by ``-lam_min``; a ``lam_min`` in ``[0, eps)`` is left alone.  This
+    is Distributed Shampoo's default (``PerturbationConfig(perturb_before_computation=True)``: it
+    decomposes ``h + eps I`` and shifts only if that has an eigenvalue below ``eps``) [C
+    ``facebookresearch/optimizers``, ``preconditioner/matrix_functions.py``].  ``eigh`` runs in
+    ``h``'s dtype and is retried in float64 on failure.
     Returns ``(roots, ok)`` where ``ok[j]`` is False for matrices whose root could not be computed
     (their entry in ``roots`` is then meaningless).
     """
@@ -129,7 +136,7 @@ def matrix_inverse_root(
                 ok[j] = False
                 lam[j], q[j] = 1.0, torch.eye(h.shape[-1], dtype=torch.float64)
     lam_min = lam.amin(dim=-1, keepdim=True)
-    lam = torch.where(lam_min < epsilon, lam - lam_min, lam) + epsilon
+    lam = lam - lam_min.clamp(max=0.0) + epsilon
     roots = (q * lam.pow(exponent).unsqueeze(-2)) @ q.mT
     return roots.to(h.dtype), ok
 

@@ -25,11 +25,28 @@ Metrics (``x̃`` = input with the constant 1 appended, rows = examples × locati
   labels or back-propagated gradients;
 * Embedding layers: the shared input metric of one-hot inputs, ``diag(token frequencies)``.
 
-Warm-up (``rank_warmup=True``, default): a layer keeps the plain gradient direction until its
-metric has averaged at least ``n`` rows (its fan-in + 1), then gets its first inverse at once
-(the optimizer refreshes blocks that are not ready on every statistic step); a metric from fewer
-rows is singular, and its null space would be amplified by ``1/(ε_rel·tr M)`` on the next
-batches' gradients.
+Start (``init``):
+
+* ``"first_batch"`` (default) [I]: a metric starts as its first batch value (the EMA's first
+  commit replaces nothing), after the warm-up below;
+* ``"identity"`` — the released code [C ``Chaochao-Lin/SNGD``, ``MLP.py::__metric``]: every metric
+  and its inverse start at ``I`` (per unit ``I``; ``diag``: ones) and the EMA mixes the batch
+  metrics into it, so the identity still weighs ``0.995^t`` after ``t`` iterations (61 % at step
+  100, 13 % at step 400); no warm-up is needed (the metric has full rank from the start).  Two
+  differences remain: here the statistics of a step enter before its update (the released code
+  steps with ``I`` at iteration 0 and updates the metric after each step, so its refresh at
+  iteration 0 serves iterations 1..100; here it serves steps 0..99), and ``stat_every > 1``
+  applies ``stat_decay ** stat_every`` per statistic step (see Schedule below); ``stat_every=1``
+  gives the released per-iteration average.
+
+The first-batch start changes the early steps that short benchmarks measure: the released run
+spends its first hundreds of steps close to SGD, this default does not.
+
+Warm-up (``rank_warmup=True``, default; ``init="first_batch"`` only): a layer keeps the plain
+gradient direction until its metric has averaged at least ``n`` rows (its fan-in + 1), then gets
+its first inverse at once (the optimizer refreshes blocks that are not ready on every statistic
+step); a metric from fewer rows is singular, and its null space would be amplified by
+``1/(ε_rel·tr M)`` on the next batches' gradients.
 
 Damping ``M + (ε_rel·tr M + ε_abs) I`` per metric (``damping`` = ε_rel, default 1e-3;
 ``damping_abs`` = ε_abs, default 0 as released; the released ε_rel is 1e-4).  Inverses by one
@@ -67,6 +84,7 @@ from .registry import OptimizerSpec, register
 
 __all__ = [
     "CONV_MODES",
+    "INITS",
     "MODES",
     "UNIT_WEIGHTS",
     "SNGD",
@@ -78,6 +96,7 @@ __all__ = [
 MODES = ("rfim", "input")
 CONV_MODES = ("input", "unit")
 UNIT_WEIGHTS = ("sigmoid", "one")
+INITS = ("first_batch", "identity")
 
 #: elements of the per-row outer products formed at once (bounds the statistics' memory)
 _CHUNK_ELEMS = 1 << 22
@@ -110,6 +129,7 @@ class SNGDBlock(CurvatureBlock):
         unit_weight: str = "sigmoid",
         damping_abs: float = 0.0,
         rank_warmup: bool = True,
+        init: str = "first_batch",
     ) -> None:
         if kind not in ("input", "unit", "diag"):
             raise ValueError(f"SNGDBlock kind must be input, unit or diag, got {kind!r}")
@@ -126,6 +146,21 @@ class SNGDBlock(CurvatureBlock):
         self.n = layer.in_dim
         # the shared metric builds its bias row from column sums (no copy of the input)
         self.homogeneous_input = self.kind == "unit"
+        if init not in INITS:
+            raise ValueError(f"optimizer.init must be one of {', '.join(INITS)}, got {init!r}")
+        if init == "identity":  # the released code: metric and inverse start at I
+            self.tensors["M"] = self._identity()
+            self.tensors["Minv"] = self._identity()
+            self.ready = True
+
+    def _identity(self) -> Tensor:
+        """``I`` in this block's metric layout (ones for ``diag``, ``(m, n, n)`` for ``unit``)."""
+        if self.kind == "diag":
+            return torch.ones(self.n, dtype=self.dtype, device=self.device)
+        eye = torch.eye(self.n, dtype=self.dtype, device=self.device)
+        if self.kind == "unit":
+            return eye.expand(self.layer.out_dim, self.n, self.n).clone()
+        return eye
 
     # -- statistics ---------------------------------------------------------------
     def update_stats(self, a: Tensor, g: Tensor) -> None:
@@ -239,6 +274,7 @@ class SNGD(CurvatureOptimizer):
         first_last_shared: bool = True,
         unit_max_elements: int = 1 << 25,
         rank_warmup: bool = True,
+        init: str = "first_batch",
         damping_abs: float = 0.0,
         stat_decay: float = 0.995,
         **kwargs,
@@ -247,6 +283,7 @@ class SNGD(CurvatureOptimizer):
             ("mode", mode, MODES),
             ("conv_mode", conv_mode, CONV_MODES),
             ("unit_weight", unit_weight, UNIT_WEIGHTS),
+            ("init", init, INITS),
         ):
             if value not in valid:
                 raise ValueError(
@@ -271,6 +308,7 @@ class SNGD(CurvatureOptimizer):
             )
         self.unit_max_elements = unit_max_elements
         self.rank_warmup = bool(rank_warmup)
+        self.init = init
         self.damping_abs = float(damping_abs)
         self.stat_decay_per_step = float(stat_decay)
         every = kwargs.get("stat_every", 10)
@@ -306,6 +344,7 @@ class SNGD(CurvatureOptimizer):
             unit_weight=self.unit_weight,
             damping_abs=self.damping_abs,
             rank_warmup=self.rank_warmup,
+            init=self.init,
         )
 
 

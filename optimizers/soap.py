@@ -18,6 +18,21 @@ Per parameter with gradient ``G`` (one factor per dim ``d <= max_precond_dim``; 
 Differences from the reference code, chosen so that SOAP with ``Q = I`` is exactly
 ``torch.optim.AdamW``: ``eps`` is added after the bias correction of ``sqrt(v)`` and the decoupled
 decay is applied before the step (the reference adds eps before, and decays after).
+
+Dimension merging (``merge_dims=True``; off by default, as in the reference).  ``merge_from``
+chooses the rule:
+
+* ``"front"`` (default) — the reference's rule [C ``nikhilvyas/SOAP``, ``soap.py::merge_dims``]:
+  walk the dims from the first, multiply them into a running product while it stays
+  ``<= max_precond_dim``, and start a new merged dim when it would not (a dim that alone exceeds
+  the bound stays on its own).  A ``(64, 32, 3, 3)`` conv weight at ``max_precond_dim=10000``
+  becomes ``(6144, 3)``;
+* ``"back"`` — Distributed Shampoo's rule (:func:`optimizers.shampoo.merge_dims`: squeeze size-1
+  dims, merge from the last dim) [C ``facebookresearch/optimizers``], which this module used
+  before ``merge_from`` existed [I]: the same weight becomes ``(64, 288)``.
+
+The two give different factors (and so different bases) for every tensor of order 3 or more that
+has mergeable dims; ``"back"`` keeps the output-channel mode of a conv weight on its own.
 """
 
 from __future__ import annotations
@@ -33,9 +48,32 @@ from .param_groups import split_decay_groups
 from .registry import OptimizerSpec, register
 from .shampoo import merge_dims as _merge
 
-__all__ = ["SOAP", "build_soap"]
+__all__ = ["MERGE_FROM", "SOAP", "build_soap", "merge_dims_front"]
 
 _NONE = torch.empty(0)
+
+MERGE_FROM = ("front", "back")
+
+
+def merge_dims_front(shape: tuple[int, ...] | torch.Size, max_dim: int) -> tuple[int, ...]:
+    """The reference SOAP's merge: greedy from the first dim (see the module docstring).
+
+    ``(64, 32, 3, 3)`` at ``max_dim=10000`` gives ``(6144, 3)``; size-1 dims vanish into a
+    neighbour; an all-ones or empty shape gives ``(1,)``.
+    """
+    merged: list[int] = []
+    run = 1
+    for d in (int(x) for x in shape):
+        if run * d <= max_dim:
+            run *= d
+        elif run > 1:  # close the running product; d starts the next one
+            merged.append(run)
+            run = d
+        else:  # nothing accumulated and d alone is too large: d stays on its own
+            merged.append(d)
+    if run > 1 or not merged:
+        merged.append(run)
+    return tuple(merged)
 
 
 def _eigenbasis(gg: torch.Tensor) -> torch.Tensor:
@@ -87,6 +125,8 @@ def _validate(hp: dict[str, Any]) -> None:
     md = hp["max_precond_dim"]
     ok = isinstance(md, int) and not isinstance(md, bool) and md >= 1
     _check(ok, "max_precond_dim", "an integer >= 1", md)
+    mf = hp["merge_from"]
+    _check(mf in MERGE_FROM, "merge_from", "one of " + ", ".join(MERGE_FROM), mf)
 
 
 class SOAP(torch.optim.Optimizer):
@@ -105,6 +145,7 @@ class SOAP(torch.optim.Optimizer):
         precondition_frequency: int = 10,
         max_precond_dim: int = 10000,
         merge_dims: bool = False,
+        merge_from: str = "front",
         precondition_1d: bool = False,
         correct_bias: bool = True,
     ) -> None:
@@ -118,6 +159,7 @@ class SOAP(torch.optim.Optimizer):
             precondition_frequency=precondition_frequency,
             max_precond_dim=max_precond_dim,
             merge_dims=merge_dims,
+            merge_from=merge_from,
             precondition_1d=precondition_1d,
             correct_bias=correct_bias,
         )
@@ -144,7 +186,9 @@ class SOAP(torch.optim.Optimizer):
     @staticmethod
     def _shape(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, ...]:
         if group["merge_dims"]:
-            return _merge(p.shape, group["max_precond_dim"])
+            if group.get("merge_from", "front") == "back":
+                return _merge(p.shape, group["max_precond_dim"])
+            return merge_dims_front(p.shape, group["max_precond_dim"])
         return tuple(p.shape) or (1,)
 
     def _update_factors(self, st: dict[str, Any], g: torch.Tensor, beta: float) -> None:
@@ -229,6 +273,7 @@ def build_soap(
     precondition_frequency: int = 10,
     max_precond_dim: int = 10000,
     merge_dims: bool = False,
+    merge_from: str = "front",
     precondition_1d: bool = False,
     correct_bias: bool = True,
 ) -> SOAP:

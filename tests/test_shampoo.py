@@ -42,9 +42,9 @@ def _run(opt: torch.optim.Optimizer, params: list[nn.Parameter], grads: list[lis
 
 
 def _root(a: torch.Tensor, exponent: float, eps: float) -> torch.Tensor:
+    """``(a + eps I)^exponent``; a negative spectrum is first shifted to 0 (Distributed Shampoo)."""
     lam, q = torch.linalg.eigh(a)
-    if lam.min() < eps:
-        lam = lam - lam.min()
+    lam = lam - min(float(lam.min()), 0.0)
     return q @ torch.diag((lam + eps) ** exponent) @ q.T
 
 
@@ -121,6 +121,25 @@ def test_identity_statistics_give_scaled_sgd():
     )
     (delta,) = _run(opt, [p], [[math.sqrt(c) * q]])[0]
     torch.testing.assert_close(delta, -((c + eps) ** -0.5) * math.sqrt(c) * q)
+
+
+def test_epsilon_rule_shifts_only_a_negative_spectrum():
+    """The root is that of ``A + eps I`` whenever ``lam_min >= 0``, also for ``lam_min`` in
+    ``(0, eps)`` (the old rule shifted those by ``-lam_min``: 0.10 off on this 5x5 matrix)."""
+    eps = 1e-4
+    q, _ = torch.linalg.qr(_grads((5, 5), 1, seed=7)[0])
+    lam = torch.tensor([eps / 2, 0.3 * eps, 2e-3, 0.1, 1.0], dtype=DT)  # lam_min = eps/2 > 0
+    a = q @ torch.diag(lam) @ q.T
+    got = matrix_inverse_root(a[None], -0.25, eps)[0][0]
+    want = q @ torch.diag((lam + eps) ** -0.25) @ q.T  # (A + eps I)^(-1/4), no shift
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    shifted = q @ torch.diag((lam - lam.min() + eps) ** -0.25) @ q.T  # the former rule
+    assert float((shifted - want).norm() / want.norm()) > 0.05
+    # a spectrum pushed below 0 by rounding is still moved up to 0 before adding eps
+    neg = q @ torch.diag(lam - 3 * eps) @ q.T  # lam_min = -2.5 eps
+    got_neg = matrix_inverse_root(neg[None], -0.25, eps)[0][0]
+    want_neg = q @ torch.diag((lam - lam.min() + eps) ** -0.25) @ q.T
+    torch.testing.assert_close(got_neg, want_neg, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("beta2", [1.0, 0.9])

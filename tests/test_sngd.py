@@ -207,6 +207,45 @@ def test_stat_decay_is_per_iteration():
     torch.testing.assert_close(opt.blocks[""].tensors["M"], 0.81 * m0 + 0.19 * m2)
 
 
+@pytest.mark.parametrize("mode", ["input", "rfim"])
+def test_identity_init_is_the_released_average(mode):
+    """``init="identity"`` (released code): ``M_k = d^k I + (1-d) Σ_j d^(k-1-j) M(batch_j)``, and a
+    refresh inverts that mix; ``"first_batch"`` starts from the first batch metric instead."""
+    d, damping = 0.9, 1e-3
+    lin = nn.Linear(3, 2).to(DT)
+    opt = sngd(lin, init="identity", stat_decay=d, inv_every=2, damping=damping, lr=0.1,
+               first_last_shared=False, mode=mode)
+    block = opt.blocks[""]
+    shape = (2, 4, 4) if mode == "rfim" else (4, 4)
+    eye = torch.eye(4, dtype=DT).expand(shape)
+    assert block.ready and torch.equal(block.tensors["M"], eye)
+    assert torch.equal(block.tensors["Minv"], eye)
+    want = eye.clone()
+    for k in range(3):
+        x = torch.randn(5, 3, dtype=DT)
+        xt = homog(x)
+        if mode == "rfim":  # per unit j: mean of sigmoid(h_j)^2 x̃ x̃ᵀ, h from the forward weights
+            psi = torch.sigmoid(xt @ torch.cat([lin.weight, lin.bias[:, None]], 1).T).pow(2)
+            batch = torch.einsum("rj,ra,rb->jab", psi.detach(), xt, xt) / 5
+        else:
+            batch = xt.T @ xt / 5
+        want = d * want + (1 - d) * batch
+        W0 = torch.cat([lin.weight, lin.bias[:, None]], 1).detach()
+        opt.zero_grad()
+        lin(x).pow(2).mean().backward()
+        g = torch.cat([lin.weight.grad, lin.bias.grad[:, None]], 1)
+        opt.step()
+        torch.testing.assert_close(block.tensors["M"], want)
+        if k == 2:  # refreshed at steps 0 and 2: the step used inv(M + ε tr(M) I)
+            tr = want.diagonal(dim1=-2, dim2=-1).sum(-1)
+            inv = torch.linalg.inv(want + (damping * tr)[..., None, None] * eye)
+            p = (inv @ g.unsqueeze(-1)).squeeze(-1) if mode == "rfim" else g @ inv
+            W1 = torch.cat([lin.weight, lin.bias[:, None]], 1).detach()
+            torch.testing.assert_close(W1, W0 - 0.1 * p)
+    fb = sngd(nn.Linear(3, 2).to(DT), first_last_shared=False, mode=mode)
+    assert "M" not in fb.blocks[""].tensors and not fb.blocks[""].ready  # first_batch: no prior
+
+
 # --------------------------------------------------------------------------- state / errors
 def _net():
     return nn.Sequential(
@@ -256,6 +295,7 @@ def test_state_dict_round_trip_training_and_fallback():
         ({"conv_mode": "kernel"}, "conv_mode"),
         ({"unit_weight": "relu"}, "unit_weight"),
         ({"unit_max_elements": 0}, "unit_max_elements"),
+        ({"init": "zeros"}, "init"),
     ],
 )
 def test_bad_inputs_raise_naming_the_key(kw, key):

@@ -12,7 +12,7 @@ from torch import nn
 
 import optimizers.soap as soap_mod
 from optimizers import OptimizerConfigError, build_optimizer, get_spec
-from optimizers.soap import SOAP
+from optimizers.soap import SOAP, merge_dims_front
 
 DT = torch.float64
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "optimizer" / "soap.yaml"
@@ -77,6 +77,25 @@ def test_real_basis_rotates_and_refreshes():
         torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0], dtype=DT))
 
 
+def test_merge_dims_follows_the_reference_by_default():
+    """``merge_from="front"`` is the reference SOAP's greedy merge from dim 0; ``"back"`` is
+    Distributed Shampoo's merge (this module's rule before the option existed)."""
+    assert merge_dims_front((64, 32, 3, 3), 10000) == (6144, 3)  # the issue's example
+    assert merge_dims_front((20000, 5), 10000) == (20000, 5)  # too-large dim stays alone
+    assert merge_dims_front((3, 20000, 2), 10000) == (3, 20000, 2)
+    assert merge_dims_front((1, 5, 1), 10) == (5,)
+    assert merge_dims_front((), 10) == (1,) and merge_dims_front((1, 1), 10) == (1,)
+    p = nn.Parameter(torch.randn(8, 4, 3, 3, dtype=DT))
+    shapes = {}
+    for rule in ("front", "back"):
+        opt = SOAP([p], merge_dims=True, merge_from=rule, max_precond_dim=100)
+        p.grad = _grads((8, 4, 3, 3), 1)[0]
+        opt.step()
+        shapes[rule] = [tuple(gg.shape) for gg in opt.state[p]["GG"]]
+    assert shapes == {"front": [(96, 96), (3, 3)], "back": [(8, 8), (36, 36)]}
+    assert SOAP([p]).defaults["merge_from"] == "front"
+
+
 def test_contracts_state_dict_and_bad_inputs():
     spec = get_spec("soap")
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
@@ -107,6 +126,7 @@ def test_contracts_state_dict_and_bad_inputs():
         ("precondition_frequency", 0),
         ("max_precond_dim", 0),
         ("shampoo_beta", 1.0),
+        ("merge_from", "middle"),
     ]:
         with pytest.raises(OptimizerConfigError, match=f"optimizer.{key} must be"):
             build_optimizer("soap", model, **{key: value})
