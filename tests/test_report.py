@@ -24,8 +24,13 @@ def _fake_run(
     status: str = "completed",
     step_s: float = 0.01,
     variant: str = "default",
+    steps: int = 30,
+    batch_size: int = 1000,
+    debug_preset: str | None = None,
 ) -> Path:
     run = root / "autoencoder_mnist_tiny" / opt / variant / f"seed{seed}"
+    if debug_preset:
+        run = root / "debug" / run.relative_to(root)
     run.mkdir(parents=True)
     rows = [
         {
@@ -54,6 +59,11 @@ def _fake_run(
             "final_metrics": {"full_train_loss": final},
             "best_metrics": {"full_train_loss": final},
             "mean_step_s": step_s,
+            "steps": steps,
+            "batch_size": batch_size,
+            "debug_preset": debug_preset,
+            "config_hash": f"hash-{opt}-{variant}",
+            "git": {"commit": "abc123", "dirty": False},
         },
     )
     return run
@@ -72,22 +82,27 @@ def test_report_table_numbers_and_skips(tmp_path):
     (runs / "orphan" / "seed0" / "config.yaml").write_text("seed: 0\n")
 
     out = report.report(runs, tmp_path / "out", quiet=True)
-    t = out["table"].set_index("optimizer")
-    assert t.loc["kfac", "final"] == "72 ± 2 (3)"
-    assert t.loc["kfac", "reached"] == "3/3" and t.loc["sgd", "reached"] == "0/3"
-    assert t.loc["kfac", "time_to_target_s"] == "2 ± 1 (3)"
+    t = out["table"].set_index("label")  # numbers only
+    assert (t.loc["kfac", ["final_mean", "final_std", "final_n"]] == [72.0, 2.0, 3]).all()
+    assert t.loc["kfac", "reached"] == 3 and t.loc["sgd", "reached"] == 0
+    assert (t.loc["kfac", ["time_to_target_s_mean", "time_to_target_s_std"]] == [2.0, 1.0]).all()
     assert t.loc["kfac", "step_vs_sgd"] == 2.0
     assert t.loc["adamw", "diverged"] == 1 and t.loc["adamw", "seeds"] == 2
-    assert list(out["table"]["optimizer"]) == ["kfac", "adamw", "sgd"]  # best final first
+    assert list(out["table"]["label"]) == ["kfac", "adamw", "sgd"]  # best final first
     # Welch t-test against the best baseline (adamw has 1 finite value -> NaN; vs sgd real)
-
     assert math.isnan(t.loc["kfac", "p_vs_best_baseline"])
     skipped = {str(p.relative_to(runs)): why for p, why in out["skipped"]}
     assert "status failed" in skipped["autoencoder_mnist_tiny/adamw/default/seed1"]
     assert "no record.json" in skipped["orphan/seed0"]
+    tables = tmp_path / "out" / "tables"
     for ext in ("md", "csv", "tex"):
-        assert (tmp_path / "out" / "tables" / f"summary.{ext}").stat().st_size > 100
-    assert pd.read_csv(tmp_path / "out" / "tables" / "summary.csv").shape[0] == 3
+        assert (tables / f"summary.{ext}").stat().st_size > 100
+    csv = pd.read_csv(tables / "summary.csv").set_index("label")
+    assert csv.shape[0] == 3 and csv.loc["kfac", "final_mean"] == 72.0  # numbers, not strings
+    assert csv["final_mean"].dtype == float and csv.loc["adamw", "final_n"] == 1
+    md = (tables / "summary.md").read_text()
+    assert "| 72 ± 2 (3) " in md  # formatting comes last, from the numbers
+    assert "| 85 (1) " in md and "± nan" not in md and "nan" not in md.replace("nanos", "")
     figs = {p.name for p in out["figures"]}
     assert figs == {"curves_autoencoder_mnist_tiny.png", "performance_profile.png"}
     # profile: kfac median 2.0 s is fastest; adamw median over (4.0, inf) = inf; sgd never
@@ -107,7 +122,7 @@ def test_time_to_target_ratio_and_test_against_the_fastest_baseline(tmp_path):
         _fake_run(runs, "sgd", s, final=76.0 + s, ttt=t)
     _fake_run(runs, "mbf", 0, final=71.0, ttt=0.5)
     _fake_run(runs, "mbf", 1, final=99.0, ttt=None)  # a seed that missed: no ratio
-    t = report.report(runs, tmp_path / "out", quiet=True)["table"].set_index("optimizer")
+    t = report.report(runs, tmp_path / "out", quiet=True)["table"].set_index("label")
     assert t.loc["kfac", "time_vs_fastest_baseline"] == pytest.approx(2.0 / 5.0, abs=1e-3)
     assert t.loc["sgd", "time_vs_fastest_baseline"] == pytest.approx(8.0 / 5.0, abs=1e-3)
     expected = stats.ttest_ind([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], equal_var=False).pvalue
