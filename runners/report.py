@@ -301,7 +301,9 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(display: pd.DataFrame, notes: list[str]) -> str:
-    text = display.to_markdown(index=False, disable_numparse=True) + "\n"
+    """A pipe table (a '|' inside a cell escaped) and the notes as a list below it."""
+    cells = display.map(lambda v: str(v).replace("|", "\\|"))
+    text = cells.to_markdown(index=False, disable_numparse=True) + "\n"
     if notes:
         text += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
     return text
