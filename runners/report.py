@@ -303,7 +303,8 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
 def to_markdown(display: pd.DataFrame, notes: list[str]) -> str:
     """A pipe table (a '|' inside a cell escaped) and the notes as a list below it."""
     cells = display.map(lambda v: str(v).replace("|", "\\|"))
-    text = cells.to_markdown(index=False, disable_numparse=True) + "\n"
+    align = ["left" if c in _TEXT_COLUMNS else "right" for c in cells.columns]
+    text = cells.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n"
     if notes:
         text += "\nNotes:\n\n" + "".join(f"- {n}\n" for n in notes)
     return text

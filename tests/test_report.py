@@ -103,8 +103,8 @@ def test_report_table_numbers_and_skips(tmp_path):
     assert csv.shape[0] == 3 and csv.loc["kfac", "final_mean"] == 72.0  # numbers, not strings
     assert csv["final_mean"].dtype == float and csv.loc["adamw", "final_n"] == 1
     md = (tables / "summary.md").read_text()
-    assert "| 72 ± 2 (3) " in md  # formatting comes last, from the numbers
-    assert "| 85 (1) " in md and "± nan" not in md and "nan" not in md.replace("nanos", "")
+    assert " 72 ± 2 (3) |" in md  # formatting comes last, from the numbers
+    assert " 85 (1) |" in md and "± nan" not in md and "nan" not in md.replace("nanos", "")
     figs = {p.name for p in out["figures"]}
     assert figs == {"curves_autoencoder_mnist_tiny.png", "performance_profile.png"}
     # profile: kfac median 2.0 s is fastest; adamw median over (4.0, inf) = inf; sgd never
@@ -481,3 +481,19 @@ def test_one_colour_per_optimizer_and_target_in_legend(tmp_path, monkeypatch):
                 colours.setdefault(text.split(" (")[0], set()).add(handle.get_color())
     assert len(seen) == 4  # two budget groups, the debug group, the profile
     assert all(len(c) == 1 for c in colours.values()), colours
+
+
+def test_report_help_imports_neither_torch_nor_pandas():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runners.report as r\n"
+        "try:\n    r.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = {'torch', 'pandas', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "usage: ngbench report" in p.stdout
