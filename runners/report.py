@@ -132,6 +132,12 @@ def _group_table(
     missed = []
     rows = []
     for label, g in gdf.groupby("label", sort=False):
+        twice = sorted(int(x) for x in g.loc[g["seed"].duplicated(), "seed"].unique())
+        if twice:
+            notes.append(
+                f"warning: {where}: {label} has seed(s) {', '.join(map(str, twice))} more than "
+                f"once (the same cell in two run folders? see runs.csv); each run is counted"
+            )
         reached = g["steps_to_target"].notna()
         row: dict[str, Any] = {
             "task": task,

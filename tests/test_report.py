@@ -497,3 +497,13 @@ def test_report_help_imports_neither_torch_nor_pandas():
     p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "usage: ngbench report" in p.stdout
+
+
+def test_a_seed_twice_is_flagged(tmp_path):
+    # two sweeps under one report folder hold the same cell: counted, but not silently
+    _fake_run(tmp_path / "runs" / "a", "kfac", 0, final=70.0, ttt=1.0)
+    _fake_run(tmp_path / "runs" / "b", "kfac", 0, final=72.0, ttt=2.0)
+    loaded = results.load_runs(tmp_path / "runs")
+    table, notes = report.summary_table(results.long_table(loaded.runs), pd.DataFrame())
+    assert table["seeds"].tolist() == [2]
+    assert any("kfac has seed(s) 0 more than once" in n for n in notes), notes
