@@ -63,9 +63,10 @@ Example (a diagonal-of-A toy method)::
 Subclasses that need extra options set them as attributes *before* calling
 ``super().__init__`` (``make_block`` runs inside it).
 
-Distributed (KAISA, :mod:`optimizers._distributed`): under DDP (``torch.distributed``
-initialised, world size > 1) the optimizer all-reduces every block's pending sums and counters
-before ``commit_stats`` and runs ``refresh`` only on the block's *inverse worker*, then
+Distributed (KAISA, :mod:`optimizers._distributed`): every exchange goes through the
+optimizer's communication object, local in one process.  Under DDP (``torch.distributed``
+initialised, world size > 1) it all-reduces every block's pending sums and counters
+before ``commit_stats``, ``refresh`` runs only on the block's *inverse worker*, and it
 broadcasts the block's **decomposition** tensors.  Block authors declare
 ``statistic_keys`` — the names in ``tensors`` maintained by ``commit_stats`` (identical on every
 rank; never broadcast).  Every other tensor is a decomposition: written by ``refresh`` (which
@@ -95,7 +96,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._distributed import KaisaComm, dist_world
+from ._distributed import Assignment, Comm, LocalComm, PendingStats, Refreshed, make_comm
 from ._layers import LOSS_AVERAGES, LayerHelper, make_helper, unsupported_reason
 from ._linalg import compute_dtype
 from .param_groups import split_decay_groups
@@ -209,9 +210,8 @@ class CurvatureBlock:
         self.tensors: dict[str, Tensor] = {}
         #: persistent python scalars
         self.meta: dict[str, Any] = {"ready": False}
-        self._pending: dict[str, Tensor] = {}
-        self._pending_rows = 0
-        self._pending_examples = 0
+        #: batch statistics since the last commit (:meth:`accumulate`, :meth:`take_pending`)
+        self.pending = PendingStats()
 
     # -- to implement -----------------------------------------------------------
     def update_stats(self, a: Tensor, g: Tensor) -> None:
@@ -243,7 +243,7 @@ class CurvatureBlock:
 
     @property
     def has_pending(self) -> bool:
-        return self._pending_rows > 0
+        return self.pending.rows > 0
 
     def row_chunks(self, a: Tensor, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """``(rows, g_chunk)``: input rows without the bias column (``input_rows``) of the raw
@@ -255,21 +255,18 @@ class CurvatureBlock:
     def accumulate(self, key: str, value: Tensor, *, rows: int = 0, examples: int = 0) -> None:
         """Add ``value`` to the pending batch sum ``key``; count ``rows``/``examples`` once per
         captured call (pass them with one of the keys only)."""
-        cur = self._pending.get(key)
-        self._pending[key] = value if cur is None else cur + value
-        self._pending_rows += rows
-        self._pending_examples += examples
+        self.pending.add(key, value, rows=rows, examples=examples)
 
-    def pending_tensors(self) -> list[Tensor]:
-        """Pending batch sums (a distributed wrapper all-reduces these before commit)."""
-        return list(self._pending.values())
+    def set_pending(self, stats: PendingStats) -> None:
+        """Replace the pending statistics (the comm hands back their sum over ranks)."""
+        self.pending = stats
 
     def take_pending(self) -> tuple[dict[str, Tensor], int, int]:
         """``(sums, rows, examples)`` accumulated since the last commit; clears them."""
-        out = (self._pending, self._pending_rows, self._pending_examples)
-        self._pending, self._pending_rows, self._pending_examples = {}, 0, 0
+        p = self.pending
+        self.pending = PendingStats()
         self.meta["commits"] = int(self.meta.get("commits", 0)) + 1
-        return out
+        return p.sums, p.rows, p.examples
 
     def stat_keys(self) -> frozenset[str] | None:
         """The statistic names (declared, or inferred from :meth:`ema`; ``None``: unknown)."""
@@ -289,7 +286,7 @@ class CurvatureBlock:
         return float(n**3 + self.layer.out_dim**3)
 
     def discard_pending(self) -> None:
-        self._pending, self._pending_rows, self._pending_examples = {}, 0, 0
+        self.pending = PendingStats()
 
     def ema(self, key: str, value: Tensor, decay: float) -> Tensor:
         """``X <- decay·X + (1-decay)·value`` (first call: ``X = value``)."""
@@ -468,8 +465,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for n, h in self.layers.items()
         ]
         self._capture_on = self.capture_step(0)
-        self._dist: KaisaComm | None = None
-        self._dist_checked = False
+        #: the communication object: :class:`LocalComm` until the first step, then the one
+        #: :func:`~optimizers._distributed.make_comm` picks (KAISA under DDP)
+        self._comm: Comm = LocalComm(self.blocks)
+        self._comm_ready = False
         self._after_load: set[str] | None = None
         self._consolidated: dict[str, dict[str, Tensor]] = {}
 
@@ -653,9 +652,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     )
                     self._consume(name, entry, entry.fallback)
             caps.clear()
-        comm0 = self._comm_seconds()
-        if self._dist is not None:
-            self._dist.reduce_pending([b for b in self.blocks.values() if b.has_pending])
+        comm0 = self._comm.seconds
+        self._comm.reduce_pending([b for b in self.blocks.values() if b.has_pending])
         fresh = []
         for name, block in self.blocks.items():
             if block.has_pending:
@@ -666,28 +664,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _refresh(self, names: Sequence[str]) -> None:
         t0 = time.perf_counter()
-        comm0 = self._comm_seconds()
-        dist_on = self._dist is not None
+        comm0 = self._comm.seconds
         names = [n for n in names if self.blocks[n].has_stats]
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, Refreshed] = {}
         for name in names:
             block = self.blocks[name]
-            if dist_on and not self._dist.is_inverse_worker(name):  # type: ignore[union-attr]
+            if not self._comm.is_inverse_worker(name):
                 continue
             before = {k: id(t) for k, t in block.tensors.items()}
             damping = self.param_groups[self._group_index[name]]["damping"]
             ok = block.refresh(float(damping))
-            if dist_on:
-                stats = block.stat_keys()
-                if stats is not None:
-                    keys = sorted(k for k in block.tensors if k not in stats)
-                else:  # undeclared: whatever refresh added or replaced
-                    keys = sorted(k for k, t in block.tensors.items() if before.get(k) != id(t))
-                results[name] = {"ok": bool(ok), "keys": keys}
-            elif not ok:
-                self._refresh_failed(name)
-        if dist_on and names:
-            oks = self._dist.share_decompositions(names, self.blocks, results)  # type: ignore[union-attr]
+            stats = block.stat_keys()
+            if stats is not None:
+                keys = sorted(k for k in block.tensors if k not in stats)
+            else:  # undeclared: whatever refresh added or replaced
+                keys = sorted(k for k, t in block.tensors.items() if before.get(k) != id(t))
+            results[name] = Refreshed(bool(ok), keys)
+        if names:
+            oks = self._comm.share_decompositions(names, self.blocks, results)
             for name, ok in oks.items():
                 if not ok:
                     self._refresh_failed(name)
@@ -702,7 +696,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _precondition(self) -> None:
         t0 = time.perf_counter()
-        comm0 = self._comm_seconds()
+        comm0 = self._comm.seconds
         grads: dict[str, Tensor] = {}
         mine: dict[str, Tensor] = {}
         for name, block in self.blocks.items():
@@ -712,12 +706,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if grad is None:
                 continue
             grads[name] = grad
-            if self._dist is None or self._dist.holds(name):
+            if self._comm.holds(name):
                 mine[name] = block.precondition(grad.to(block.dtype))
-        if self._dist is not None and grads:
+        if grads:
             shapes = {n: (g.shape, self.blocks[n].dtype) for n, g in grads.items()}
             device = next(iter(grads.values())).device
-            mine = self._dist.share_gradients(shapes, mine, device)
+            mine = self._comm.share_gradients(shapes, mine, device)
         done: list[tuple[LayerHelper, Tensor]] = []
         vdotp = 0.0
         for name, grad in grads.items():
@@ -777,46 +771,36 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ distributed
     def _setup_distributed(self) -> None:
-        if self._dist_checked:
+        if self._comm_ready:
             return
-        self._dist_checked = True
-        _, world = dist_world()
-        if world <= 1:
-            return
-        self._dist = KaisaComm(self.blocks, grad_worker_fraction=self.grad_worker_fraction)
-        self._times.setdefault("communication", 0.0)
-        log.info(
-            "%s: KAISA over %d ranks, %d gradient worker(s) per layer; inverse workers %s",
-            type(self).__name__, world, self._dist.assignment.grad_workers,
-            self._dist.assignment.inv_worker,
+        self._comm_ready = True
+        self._comm = make_comm(
+            self.blocks, grad_worker_fraction=self.grad_worker_fraction,
+            owner=type(self).__name__,
         )
+        if self._comm.world > 1:
+            self._times.setdefault("communication", 0.0)
         if self._after_load is not None:
-            self._dist.trim(self.blocks)
-
-    def _comm_seconds(self) -> float:
-        return self._dist.seconds if self._dist is not None else 0.0
+            self._comm.trim(self.blocks)
 
     def _comm_delta(self, before: float) -> float:
         """Communication seconds since ``before`` (added to the ``communication`` phase)."""
-        if self._dist is None:
-            return 0.0
-        d = self._dist.seconds - before
-        self._times["communication"] = self._times.get("communication", 0.0) + d
+        d = self._comm.seconds - before
+        if d:
+            self._times["communication"] = self._times.get("communication", 0.0) + d
         return d
 
     @property
-    def work_assignment(self) -> Any:
-        """The KAISA :class:`~optimizers._distributed.Assignment` (``None`` in one process or
-        before the first step)."""
-        return None if self._dist is None else self._dist.assignment
+    def work_assignment(self) -> Assignment:
+        """The KAISA work :class:`~optimizers._distributed.Assignment` (in one process, and
+        before the first step, the one-rank assignment: this rank does everything)."""
+        return self._comm.assignment
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Collective (call on every rank): gather the decompositions rank ``to`` does not hold
         so that its next :meth:`state_dict` is complete (``grad_worker_fraction < 1``)."""
         self._setup_distributed()
-        if self._dist is None or self._dist.assignment.grad_workers == self._dist.world:
-            return
-        self._consolidated = self._dist.gather_to(to, self.blocks)
+        self._consolidated = self._comm.gather_to(to, self.blocks)
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -882,8 +866,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 RuntimeWarning, stacklevel=2,
             )
         self._after_load = again
-        if self._dist is not None:
-            self._dist.trim(self.blocks)
+        self._comm.trim(self.blocks)
         for caps in self._captures.values():
             caps.clear()
         self._capture_on = self.capture_step(self._step)

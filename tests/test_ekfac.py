@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _helpers import checkpoint_round_trip, train_ce
+from _helpers import checkpoint_round_trip, run_gloo, train_ce
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -398,37 +398,20 @@ def _ddp_train(name, frac=None, rank=0, world=1):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _ddp_worker(rank, world, port, out):
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = {
-            (name, frac): _ddp_train(name, frac, rank, world)
-            for name in ("ekfac", "tkfac", "tekfac")
-            for frac in (1.0, 0.5)
-        }
-        torch.save(res, f"{out}/r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, out):
+    res = {
+        (name, frac): _ddp_train(name, frac, rank, world)
+        for name in ("ekfac", "tkfac", "tekfac")
+        for frac in (1.0, 0.5)
+    }
+    torch.save(res, f"{out}/r{rank}.pt")
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_for_the_eigencorrected_family(tmp_path):
     """Scalings are updated on every rank from all-reduced per-example sums; the basis and the
     reset scalings come from the inverse worker (grad_worker_fraction 1 and 1/2)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_gloo(_ddp_worker, str(tmp_path))
     got = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1)]
     torch.manual_seed(0)
     start = torch.cat([p.detach().reshape(-1) for p in conv_net().parameters()])
