@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ._layers import LayerHelper
+from ._linalg import columns as _columns
 from ._linalg import gram as _gram
 from ._linalg import safe_eigh, safe_inv
 from .base import CurvatureBlock
@@ -107,8 +108,19 @@ class KroneckerBlock(CurvatureBlock):
             a0, s, rows_a = _gram(xt), xt.sum(1), xt.shape[1]
         self.accumulate("A", bias_bordered(a0, s, rows_a) if self.layer.has_bias else a0)
 
+    def update_factor_stats(self, rows: Tensor, g: Tensor) -> None:
+        """The factor statistics from input rows ``(N, T, n-1)`` and output rows ``(N, T, m)``
+        (as a factor structure of :class:`optimizers._eigencorrect.EigenCorrectedBlock`)."""
+        self.add_factor_stats(rows, g, raw_a=False, raw_g=False)
+
     def commit_stats(self, decay: float) -> None:
         sums, rows, examples = self.take_pending()
+        self.commit_factor_sums(sums, rows, examples, decay)
+
+    def commit_factor_sums(
+        self, sums: dict[str, Tensor], rows: int, examples: int, decay: float
+    ) -> None:
+        """Fold the batch sums into the running ``A``, ``G``, ``T``."""
         self.ema("A", (sums["A"] / rows).to(self.dtype), decay)
         self.ema("G", (sums["G"] / rows).to(self.dtype), decay)
         t = torch.tensor(rows / max(examples, 1), dtype=self.dtype, device=self.device)
@@ -216,9 +228,3 @@ def bias_bordered(a0: Tensor, s: Tensor, total: Tensor | float) -> Tensor:
     full[-1, :-1] = s
     full[-1, -1] = total
     return full
-
-
-def _columns(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(N, T, k)`` rows -> ``(k, N·T)`` columns in ``dtype`` (one copy at most)."""
-    k = x.shape[-1]
-    return x.permute(2, 0, 1).reshape(k, -1).to(dtype)

@@ -108,7 +108,10 @@ __all__ = [
     "CurvatureOptimizer",
     "Schedule",
     "STAT_DTYPES",
+    "check_choice",
+    "check_schedule",
     "curvature_factory",
+    "freq_at",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,7 +137,8 @@ def _check_positive(key: str, value: Any, *, strict: bool = True) -> float:
     return float(value)
 
 
-def _check_schedule(key: str, value: Any) -> Schedule:
+def check_schedule(key: str, value: Any) -> Schedule:
+    """``value`` as a frequency (:data:`Schedule`); a bad one raises naming ``optimizer.key``."""
     if callable(value):
         return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -144,11 +148,18 @@ def _check_schedule(key: str, value: Any) -> Schedule:
     return value
 
 
-def _freq_at(key: str, sched: Schedule, step: int) -> int:
+def freq_at(key: str, sched: Schedule, step: int) -> int:
+    """The frequency of ``sched`` at ``step`` (a schedule's value is checked)."""
     f = sched(step) if callable(sched) else sched
     if isinstance(f, bool) or not isinstance(f, int) or f < 1:
         raise ValueError(f"optimizer.{key} schedule returned {f!r} at step {step}; need int >= 1")
     return f
+
+
+def check_choice(key: str, value: object, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``optimizer.key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"optimizer.{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _as_names(key: str, value: Any) -> list[str]:
@@ -416,8 +427,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"optimizer.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
                 f"got {loss_average!r}"
             )
-        self.stat_every = _check_schedule("stat_every", stat_every)
-        self.inv_every = _check_schedule("inv_every", inv_every)
+        self.stat_every = check_schedule("stat_every", stat_every)
+        self.inv_every = check_schedule("inv_every", inv_every)
         if isinstance(stat_every, int) and isinstance(inv_every, int) and inv_every % stat_every:
             warnings.warn(
                 f"optimizer.inv_every={inv_every} is not a multiple of "
@@ -478,10 +489,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def is_stat_step(self, step: int) -> bool:
-        return step % _freq_at("stat_every", self.stat_every, step) == 0
+        return step % freq_at("stat_every", self.stat_every, step) == 0
 
     def is_inv_step(self, step: int) -> bool:
-        return step % _freq_at("inv_every", self.inv_every, step) == 0
+        return step % freq_at("inv_every", self.inv_every, step) == 0
 
     def capture_step(self, step: int) -> bool:
         """Whether hooks capture ``(a, g)`` during the forward/backward of ``step``

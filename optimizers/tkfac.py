@@ -39,27 +39,21 @@ since the paper's hyper-parameters are unknown (§3.4).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ._kronecker import _columns, bias_bordered
+from ._kronecker import bias_bordered
 from ._layers import LayerHelper
+from ._linalg import columns, safe_inv
 from ._linalg import gram as _gram
-from ._linalg import safe_inv
-from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
+from .base import CurvatureBlock, CurvatureOptimizer, check_choice, curvature_factory
 from .registry import OptimizerSpec, register
 
 __all__ = ["CONV_DAMPINGS", "TKFAC", "TKFACBlock", "TRACE_FORMS", "build_tkfac"]
 
 TRACE_FORMS = ("weighted", "normalized")
 CONV_DAMPINGS = ("standard", "trace")
-
-
-def _check_choice(key: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"optimizer.{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _homog_gram(xt: Tensor, w: Tensor | None, *, has_bias: bool) -> Tensor:
@@ -95,8 +89,8 @@ class TKFACBlock(CurvatureBlock):
         trace_form: str = "weighted",
         conv_damping: str = "standard",
     ) -> None:
-        _check_choice("trace_form", trace_form, TRACE_FORMS)
-        _check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
+        check_choice("trace_form", trace_form, TRACE_FORMS)
+        check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
         super().__init__(layer)
         self.trace_form = trace_form
         self.conv_damping = conv_damping
@@ -114,7 +108,7 @@ class TKFACBlock(CurvatureBlock):
             tr_a = torch.full_like(tr_g, float(T))  # one-hot inputs: ‖ā‖² = 1 per token
             xt = None
         else:
-            xt = _columns(a, sd)  # (k, N·T): a view of a conv's patch columns
+            xt = columns(a, sd)  # (k, N·T): a view of a conv's patch columns
             # per-example ‖ā_n‖² (exact per example; the batch sums below are in stat_dtype)
             tr_a = xt.reshape(-1, N, T).square().sum((0, 2)) + (
                 float(T) if self.layer.has_bias else 0.0
@@ -229,8 +223,8 @@ class TKFAC(CurvatureOptimizer):
         conv_damping: str = "standard",
         **kwargs,
     ) -> None:
-        _check_choice("trace_form", trace_form, TRACE_FORMS)
-        _check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
+        check_choice("trace_form", trace_form, TRACE_FORMS)
+        check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
         self.trace_form = trace_form
         self.conv_damping = conv_damping
         super().__init__(model, **kwargs)
