@@ -391,7 +391,7 @@ class KaisaComm:
             }
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, info)
-        everything: dict[str, dict] = {}
+        everything: dict[str, dict[str, Any]] = {}
         for part in gathered:
             everything.update(part)
         # buckets: (group key, src) -> names, in ``names`` order; the group of each key
@@ -513,7 +513,7 @@ class KaisaComm:
 
 
 def _broadcast_specs(
-    specs: list[tuple[str, str, tuple[int, ...], str]],
+    specs: Sequence[tuple[str, str, tuple[int, ...], str]],
     *,
     src: int,
     me: int,
@@ -523,7 +523,7 @@ def _broadcast_specs(
 ) -> dict[tuple[str, str], Tensor]:
     """Broadcast the tensors described by ``specs`` (``name, key, shape, dtype``) from ``src``,
     one flat tensor per dtype; on receivers returns fresh tensors, on ``src`` the originals."""
-    by_dtype: dict[str, list] = {}
+    by_dtype: dict[str, list[tuple[str, str, tuple[int, ...], str]]] = {}
     for spec in specs:
         by_dtype.setdefault(spec[3], []).append(spec)
     out: dict[tuple[str, str], Tensor] = {}

@@ -147,7 +147,9 @@ class KroneckerBlock(CurvatureBlock):
         self.ready = True
         return True
 
-    def _refresh_eigen(self, A: Tensor, G: Tensor, T: float, damping: float) -> dict | None:
+    def _refresh_eigen(
+        self, A: Tensor, G: Tensor, T: float, damping: float
+    ) -> dict[str, Tensor] | None:
         eg = safe_eigh(G)
         if eg is None:
             return None
@@ -164,7 +166,9 @@ class KroneckerBlock(CurvatureBlock):
         out["scale"] = 1.0 / (T * torch.outer(dG, dA) + damping)
         return out
 
-    def _refresh_inverse(self, A: Tensor, G: Tensor, T: float, damping: float) -> dict | None:
+    def _refresh_inverse(
+        self, A: Tensor, G: Tensor, T: float, damping: float
+    ) -> dict[str, Tensor] | None:
         lam = damping / T
         if self.damping_form == "factored_tikhonov":
             gamma = math.sqrt(lam)
@@ -181,6 +185,7 @@ class KroneckerBlock(CurvatureBlock):
         g_inv = safe_inv(G + g_shift * eye_m)
         if g_inv is None:
             return None
+        a_inv: Tensor | None
         if self.diagonal:
             a_inv = 1.0 / (A + a_shift)
         else:

@@ -91,7 +91,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -140,7 +140,7 @@ def _check_positive(key: str, value: Any, *, strict: bool = True) -> float:
 def check_schedule(key: str, value: Any) -> Schedule:
     """``value`` as a frequency (:data:`Schedule`); a bad one raises naming ``optimizer.key``."""
     if callable(value):
-        return value
+        return cast(Schedule, value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
             f"optimizer.{key} must be an int >= 1 or a callable step -> int, got {value!r}"
@@ -611,6 +611,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         t0 = time.perf_counter()
         layer = self.layers[name]
         a = entry.a
+        assert a is not None, "a capture is consumed once"
         entry.a, entry.used, entry.fallback = None, True, None
         block = self.blocks[name]
         block.update_stats(a, g.detach() if block.raw_output else layer.output_rows(g))
@@ -925,7 +926,7 @@ def curvature_factory(
             raise TypeError(f"{name}: unexpected keyword argument(s) {', '.join(bad)}")
         return cls(model, **{**base, **hparams})
 
-    factory.__signature__ = inspect.Signature([model, *ordered], return_annotation=cls)
+    vars(factory)["__signature__"] = inspect.Signature([model, *ordered], return_annotation=cls)
     factory.__name__ = factory.__qualname__ = f"build_{name}"
     factory.__doc__ = f"Build :class:`{cls.__module__}.{cls.__name__}` (registry name {name!r})."
     return factory

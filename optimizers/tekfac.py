@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -72,7 +73,7 @@ class TEKFAC(EigenCorrectedOptimizer):
         trace_form: str = "weighted",
         conv_damping: str = "standard",
         damping_style: str = "tkfac",
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         check_choice("trace_form", trace_form, TRACE_FORMS)
         check_choice("conv_damping", conv_damping, CONV_DAMPINGS)

@@ -39,6 +39,7 @@ since the paper's hyper-parameters are unknown (§3.4).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +60,7 @@ CONV_DAMPINGS = ("standard", "trace")
 def _homog_gram(xt: Tensor, w: Tensor | None, *, has_bias: bool) -> Tensor:
     """``Σ_r w_r ā_r ā_rᵀ`` from columns ``xt`` (``k × R``, no bias row) and row weights ``w``
     (``None``: all ones); the bias row/column of ``ā = [x; 1]`` is built from weighted sums."""
+    total: Tensor | float
     if w is None:
         a0 = _gram(xt)
         s, total = xt.sum(1), float(xt.shape[1])
@@ -191,6 +193,7 @@ class TKFACBlock(CurvatureBlock):
         psi_inv = safe_inv(sd * psi + sl * _eye_like(psi))
         if psi_inv is None:
             return False
+        phi_inv: Tensor | None
         if self.diagonal:
             phi_inv = 1.0 / (sd * phi + sl)
         else:
@@ -221,7 +224,7 @@ class TKFAC(CurvatureOptimizer):
         *,
         trace_form: str = "weighted",
         conv_damping: str = "standard",
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         check_choice("trace_form", trace_form, TRACE_FORMS)
         check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
