@@ -78,7 +78,8 @@ the load.  Pending statistics must be floating tensors that are sums (or means) 
 batch, with the row/example counts passed to :meth:`CurvatureBlock.accumulate`.
 
 :class:`optimizers._kronecker.KroneckerBlock` is the reusable ``A ⊗ G`` block (factors, eigen /
-factored-Tikhonov / inverse damping).
+factored-Tikhonov / inverse damping); :class:`optimizers._eigencorrect.EigenCorrectedBlock` adds
+eigenvalue-corrected scalings to any such factor structure (EKFAC, TEKFAC).
 """
 
 from __future__ import annotations
