@@ -28,7 +28,7 @@ help:
 	@echo "make demo    MNIST autoencoder, every optimizer x 3 seeds, table + plots in results/demo"
 	@echo "make results the committed comparison (800 steps, tuned) in results/autoencoder_mnist_tiny"
 	@echo "make test    the test suite (what CI runs)"
-	@echo "make lint    ruff"
+	@echo "make lint    ruff, and mypy --strict on optimizers/"
 	@echo "make bench   step-overhead benchmark on the small CNN"
 
 setup: $(STAMP)
@@ -66,6 +66,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check optimizers tasks runners tests
+	$(BIN)/mypy
 
 bench: setup
 	$(NGB) bench --model small_cnn --optimizers $(DEMO_OPTS) --json results/bench_small_cnn.json

@@ -21,22 +21,88 @@ Pauloski et al., "KAISA: An Adaptive Second-Order Optimizer Framework for Deep N
 
 All broadcasts are bucketed: one flat tensor per (source rank, group, dtype).  Block authors only
 declare which of their ``tensors`` are statistics (see :class:`optimizers.base.CurvatureBlock`).
+
+The optimizer always holds a communication object (:func:`make_comm`): :class:`LocalComm` in one
+process (every rank question answers "this rank", every exchange is the identity) or
+:class:`KaisaComm` under DDP; both speak :class:`Comm`.  This module knows blocks only through
+the :class:`CommBlock` protocol (it does not import :mod:`optimizers.base`), and the statistics a
+block accumulates between commits are one :class:`PendingStats`, which the comm reads and hands
+back summed (:meth:`CommBlock.set_pending`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .base import CurvatureBlock
+__all__ = [
+    "Assignment",
+    "Comm",
+    "CommBlock",
+    "KaisaComm",
+    "LocalComm",
+    "PendingStats",
+    "Refreshed",
+    "assign_work",
+    "dist_world",
+    "make_comm",
+]
 
-__all__ = ["Assignment", "KaisaComm", "assign_work", "dist_world"]
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingStats:
+    """A block's batch statistics since its last commit: floating sums (or means) over the local
+    batch per key, and the input rows / examples they cover (counted once per captured call).
+    Under DDP the comm sums all of it over ranks before the commit."""
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    rows: int = 0
+    examples: int = 0
+
+    def add(self, key: str, value: Tensor, *, rows: int = 0, examples: int = 0) -> None:
+        cur = self.sums.get(key)
+        self.sums[key] = value if cur is None else cur + value
+        self.rows += rows
+        self.examples += examples
+
+
+class CommBlock(Protocol):
+    """What the communication objects use of a curvature block
+    (:class:`optimizers.base.CurvatureBlock` implements it)."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+    device: torch.device
+    decomposition_on_every_rank: bool
+
+    @property
+    def pending(self) -> PendingStats: ...
+
+    def set_pending(self, stats: PendingStats) -> None: ...
+
+    def refresh_cost(self) -> float: ...
+
+    def stat_keys(self) -> frozenset[str] | None: ...
+
+    def decomposition_keys(self) -> set[str]: ...
+
+
+@dataclass
+class Refreshed:
+    """Outcome of one block's ``refresh`` on its inverse worker: success, and the names of the
+    decomposition tensors to send to the block's holders."""
+
+    ok: bool
+    keys: list[str]
 
 
 def dist_world() -> tuple[int, int]:
@@ -124,22 +190,117 @@ def assign_work(
     return asg
 
 
+def _assign(
+    blocks: Mapping[str, CommBlock], world: int, grad_worker_fraction: float
+) -> tuple[dict[str, float], Assignment]:
+    costs = {n: float(b.refresh_cost()) for n, b in blocks.items()}
+    every = {n for n, b in blocks.items() if b.decomposition_on_every_rank}
+    asg = assign_work(
+        costs, world_size=world, grad_worker_fraction=grad_worker_fraction, everywhere=every
+    )
+    return costs, asg
+
+
+class Comm(Protocol):
+    """The collective side of a :class:`~optimizers.base.CurvatureOptimizer` (see the module
+    docstring): :class:`LocalComm` or :class:`KaisaComm`."""
+
+    rank: int
+    world: int
+    #: cumulative seconds spent communicating
+    seconds: float
+    assignment: Assignment
+
+    def is_inverse_worker(self, name: str) -> bool: ...
+
+    def holds(self, name: str) -> bool: ...
+
+    def reduce_pending(self, blocks: Sequence[CommBlock]) -> None: ...
+
+    def share_decompositions(
+        self, names: list[str], blocks: Mapping[str, CommBlock], results: dict[str, Refreshed]
+    ) -> dict[str, bool]: ...
+
+    def trim(self, blocks: Mapping[str, CommBlock]) -> None: ...
+
+    def share_gradients(
+        self, shapes: dict[str, tuple[torch.Size, torch.dtype]], mine: dict[str, Tensor],
+        device: torch.device,
+    ) -> dict[str, Tensor]: ...
+
+    def gather_to(
+        self, to: int, blocks: Mapping[str, CommBlock]
+    ) -> dict[str, dict[str, Tensor]]: ...
+
+
+def make_comm(
+    blocks: Mapping[str, CommBlock], *, grad_worker_fraction: float = 1.0, owner: str = ""
+) -> Comm:
+    """:class:`KaisaComm` when ``torch.distributed`` runs more than one rank, else
+    :class:`LocalComm`; ``owner`` names the optimizer in the log line."""
+    if dist_world()[1] > 1:
+        return KaisaComm(blocks, grad_worker_fraction=grad_worker_fraction, owner=owner)
+    return LocalComm(blocks)
+
+
+class LocalComm:
+    """One process: this rank refreshes, holds and applies every block; nothing is exchanged."""
+
+    def __init__(self, blocks: Mapping[str, CommBlock]) -> None:
+        self.rank, self.world = 0, 1
+        self.seconds = 0.0
+        #: rank 0 does everything (no costs needed to balance one rank)
+        self.assignment = Assignment(
+            1, 1, inv_worker=dict.fromkeys(blocks, 0), column=dict.fromkeys(blocks, 0)
+        )
+
+    def is_inverse_worker(self, name: str) -> bool:
+        return True
+
+    def holds(self, name: str) -> bool:
+        return True
+
+    def reduce_pending(self, blocks: Sequence[CommBlock]) -> None:
+        pass
+
+    def share_decompositions(
+        self, names: list[str], blocks: Mapping[str, CommBlock], results: dict[str, Refreshed]
+    ) -> dict[str, bool]:
+        return {name: res.ok for name, res in results.items()}
+
+    def trim(self, blocks: Mapping[str, CommBlock]) -> None:
+        pass
+
+    def share_gradients(
+        self, shapes: dict[str, tuple[torch.Size, torch.dtype]], mine: dict[str, Tensor],
+        device: torch.device,
+    ) -> dict[str, Tensor]:
+        return mine
+
+    def gather_to(
+        self, to: int, blocks: Mapping[str, CommBlock]
+    ) -> dict[str, dict[str, Tensor]]:
+        return {}
+
+
 class KaisaComm:
     """The collective side of a :class:`~optimizers.base.CurvatureOptimizer` under DDP."""
 
     def __init__(
-        self, blocks: dict[str, CurvatureBlock], *, grad_worker_fraction: float = 1.0
+        self,
+        blocks: Mapping[str, CommBlock],
+        *,
+        grad_worker_fraction: float = 1.0,
+        owner: str = "",
     ) -> None:
         self.rank, self.world = dist_world()
         self.fraction = float(grad_worker_fraction)
-        costs = {n: float(b.refresh_cost()) for n, b in blocks.items()}
-        every = {n for n, b in blocks.items() if b.decomposition_on_every_rank}
-        self.assignment = assign_work(
-            costs, world_size=self.world, grad_worker_fraction=grad_worker_fraction,
-            everywhere=every,
-        )
-        self.costs = costs
+        self.costs, self.assignment = _assign(blocks, self.world, grad_worker_fraction)
         asg = self.assignment
+        log.info(
+            "%s: KAISA over %d ranks, %d gradient worker(s) per layer; inverse workers %s",
+            owner, self.world, asg.grad_workers, asg.inv_worker,
+        )
         # process groups: every rank must create every group, in the same order
         self._col_groups: dict[int, Any] = {}
         self._row_groups: dict[int, Any] = {}
@@ -168,7 +329,7 @@ class KaisaComm:
         return ("col", col), asg.column_ranks(col), self._col_groups[col]
 
     # ------------------------------------------------------------------ statistics
-    def reduce_pending(self, blocks: list[CurvatureBlock]) -> None:
+    def reduce_pending(self, blocks: Sequence[CommBlock]) -> None:
         """Sum every block's pending sums and counters over ranks (one flat bucket per dtype;
         the counters ride in the widest bucket).  Afterwards the pending state is that of the
         global batch: every block normalises its sums by the (global) counts, so the result
@@ -177,63 +338,68 @@ class KaisaComm:
         if not blocks:
             return
         t0 = time.perf_counter()
-        items: list[tuple[CurvatureBlock, str, Tensor]] = []
-        for b in blocks:
-            for key in sorted(b._pending):
-                t = b._pending[key]
+        items: list[tuple[int, str, Tensor]] = []
+        for j, b in enumerate(blocks):
+            sums = b.pending.sums
+            for key in sorted(sums):
+                t = sums[key]
                 if not t.is_floating_point():
                     raise TypeError(
                         f"{type(b).__name__}: pending statistic {key!r} must be a floating "
                         f"tensor to be averaged over ranks, got {t.dtype}"
                     )
-                items.append((b, key, t))
-        counts = [float(c) for b in blocks for c in (b._pending_rows, b._pending_examples)]
+                items.append((j, key, t))
+        counts = [float(c) for b in blocks for c in (b.pending.rows, b.pending.examples)]
         dtypes = sorted({t.dtype for _, _, t in items}, key=lambda d: -torch.finfo(d).bits)
         if not dtypes:
             dtypes = [torch.float64]
         device = blocks[0].device
+        reduced: list[dict[str, Tensor]] = [dict(b.pending.sums) for b in blocks]
+        summed: list[float] = []
         for i, dt in enumerate(dtypes):
-            mine = [(b, k, t) for b, k, t in items if t.dtype == dt]
+            mine = [(j, k, t) for j, k, t in items if t.dtype == dt]
             parts = [t.reshape(-1) for _, _, t in mine]
             if i == 0:
                 parts.append(torch.tensor(counts, dtype=dt, device=device))
             flat = torch.cat(parts)
             dist.all_reduce(flat)
             off = 0
-            for b, k, t in mine:
-                b._pending[k] = flat[off : off + t.numel()].view_as(t)
+            for j, k, t in mine:
+                reduced[j][k] = flat[off : off + t.numel()].view_as(t)
                 off += t.numel()
             if i == 0:
                 summed = flat[off:].tolist()
         for j, b in enumerate(blocks):
-            b._pending_rows = _count(summed[2 * j])
-            b._pending_examples = _count(summed[2 * j + 1])
+            b.set_pending(PendingStats(
+                reduced[j], rows=round(summed[2 * j]), examples=round(summed[2 * j + 1])
+            ))
         self.seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ decompositions
     def share_decompositions(
-        self, names: list[str], blocks: dict[str, CurvatureBlock], results: dict[str, dict]
+        self, names: list[str], blocks: Mapping[str, CommBlock], results: dict[str, Refreshed]
     ) -> dict[str, bool]:
-        """After the inverse workers refreshed ``names`` (``results[name] = {"ok", "keys"}`` for
-        the ones this rank refreshed), broadcast the decompositions to their holders; ranks
-        that do not hold a block drop its decomposition.  Returns ``ok`` per refreshed block."""
+        """After the inverse workers refreshed ``names`` (``results`` for the ones this rank
+        refreshed), broadcast the decompositions to their holders; ranks that do not hold a
+        block drop its decomposition.  Returns ``ok`` per refreshed block."""
         t0 = time.perf_counter()
         info = {}
         for name, res in results.items():
             b = blocks[name]
-            keys = res["keys"] if res["ok"] else []
+            keys = res.keys if res.ok else []
             info[name] = {
-                "ok": res["ok"],
+                "ok": res.ok,
                 "meta": dict(b.meta),
                 "keys": [(k, tuple(b.tensors[k].shape), str(b.tensors[k].dtype)) for k in keys],
             }
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, info)
-        everything: dict[str, dict] = {}
+        everything: dict[str, dict[str, Any]] = {}
         for part in gathered:
             everything.update(part)
-        # buckets: (group key, src) -> names, in ``names`` order
+        # buckets: (group key, src) -> names, in ``names`` order; the group of each key
         buckets: dict[tuple[tuple[str, int], int], list[str]] = {}
+        groups: dict[tuple[str, int], Any] = {}
         for name in names:
             rec = everything.get(name)
             if rec is None or not rec["ok"] or not rec["keys"]:
@@ -241,9 +407,10 @@ class KaisaComm:
             dest = self._dest(name)
             if dest is None or self.rank not in dest[1]:
                 continue
+            groups[dest[0]] = dest[2]
             buckets.setdefault((dest[0], self.assignment.inv_worker[name]), []).append(name)
-        for (_gkey, src), bucket in sorted(buckets.items()):
-            group = self._dest(bucket[0])[2]  # type: ignore[index]
+        for (gkey, src), bucket in sorted(buckets.items()):
+            group = groups[gkey]
             specs = [(n, k, shape, dt) for n in bucket for k, shape, dt in everything[n]["keys"]]
             got = _broadcast_specs(
                 specs, src=src, me=self.rank, group=group,
@@ -275,7 +442,7 @@ class KaisaComm:
         self.seconds += time.perf_counter() - t0
         return ok
 
-    def trim(self, blocks: dict[str, CurvatureBlock]) -> None:
+    def trim(self, blocks: Mapping[str, CommBlock]) -> None:
         """Drop decompositions this rank does not hold (after loading a checkpoint)."""
         for name, b in blocks.items():
             if not self.holds(name):
@@ -315,9 +482,14 @@ class KaisaComm:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def gather_to(self, to: int, blocks: dict[str, CurvatureBlock]) -> dict[str, dict]:
+    def gather_to(
+        self, to: int, blocks: Mapping[str, CommBlock]
+    ) -> dict[str, dict[str, Tensor]]:
         """Collective: the decompositions rank ``to`` lacks, sent from their inverse workers.
-        Returns ``{name: {key: tensor}}`` on rank ``to`` (empty elsewhere)."""
+        Returns ``{name: {key: tensor}}`` on rank ``to`` (empty elsewhere, and everywhere when
+        every rank holds every decomposition)."""
+        if self.assignment.grad_workers == self.world:
+            return {}
         t0 = time.perf_counter()
         want = [n for n in blocks if not self.assignment.holds(n, to)]
         info = {
@@ -327,7 +499,7 @@ class KaisaComm:
         }
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, info)
-        out: dict[str, dict] = {}
+        out: dict[str, dict[str, Tensor]] = {}
         for src in range(self.world):
             specs = [(n, k, s, d) for n, keys in gathered[src].items() for k, s, d in keys]
             if src == to or not specs:
@@ -343,23 +515,18 @@ class KaisaComm:
         return out
 
 
-def _count(x: float) -> int | float:
-    r = round(x)
-    return int(r) if abs(x - r) < 1e-6 else x
-
-
 def _broadcast_specs(
-    specs: list[tuple[str, str, tuple[int, ...], str]],
+    specs: Sequence[tuple[str, str, tuple[int, ...], str]],
     *,
     src: int,
     me: int,
     group: Any,
-    source: Any,
+    source: Callable[[str, str], Tensor],
     device: torch.device,
 ) -> dict[tuple[str, str], Tensor]:
     """Broadcast the tensors described by ``specs`` (``name, key, shape, dtype``) from ``src``,
     one flat tensor per dtype; on receivers returns fresh tensors, on ``src`` the originals."""
-    by_dtype: dict[str, list] = {}
+    by_dtype: dict[str, list[tuple[str, str, tuple[int, ...], str]]] = {}
     for spec in specs:
         by_dtype.setdefault(spec[3], []).append(spec)
     out: dict[tuple[str, str], Tensor] = {}

@@ -17,13 +17,17 @@ What is here:
   gradients ``Σ_t g_{n,t} ā_{n,t}ᵀ`` by batched matrix products over chunks of examples, no
   Python loop over examples; the cheaper of "project rows, then multiply" and "multiply, then
   project" is picked from the shapes) and Embedding (identity input basis, token ids).
-* :class:`EigenCorrection` — a block mixin: accumulates the per-example statistic on scaling
-  steps, folds it into ``s`` and keeps ``scale = 1/(s + D)`` for :meth:`precondition`; the
-  ``ra`` mode (Thrandis/EKFAC-pytorch's cheap running average) uses ``N·(Q_Gᵀ V Q_A)^{⊙2}`` of the
+* :class:`EigenCorrectedBlock` — the one eigen-corrected block, built from its *factor
+  structure* (a :class:`FactorStructure`: K-FAC's :class:`~optimizers._kronecker.KroneckerBlock`
+  for EKFAC, TKFAC's :class:`~optimizers.tkfac.TKFACBlock` for TEKFAC, which keeps the factor
+  statistics) and its *damping rule* (``D`` from the eigenpairs of a new basis).  It
+  accumulates the per-example statistic on scaling steps, folds it into ``s`` and keeps
+  ``scale = 1/(s + D)`` for :meth:`~EigenCorrectedBlock.precondition`; the ``ra`` mode
+  (Thrandis/EKFAC-pytorch's cheap running average) uses ``N·(Q_Gᵀ V Q_A)^{⊙2}`` of the
   mini-batch gradient instead.
-* :class:`EigenCorrectedOptimizer` — an optimizer mixin: the ``scalings`` / ``scale_every`` /
-  ``scale_decay`` options and the per-step flags (factor step, scaling step, refresh step) its
-  blocks read.
+* :class:`EigenCorrectedOptimizer` — the optimizer base of EKFAC and TEKFAC: the ``scalings`` /
+  ``scale_every`` / ``scale_decay`` / ``projection_dtype`` options and the per-step flags
+  (factor step, scaling step, refresh step) its blocks read.
 
 Averaging of the scalings (a design choice, see the EKFAC module docstring): at every basis
 recompute ``s`` is reset to the Kronecker eigenvalues (K-FAC's ``T·d_G⊗d_A``, TKFAC's
@@ -41,20 +45,28 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from .base import Schedule, _check_schedule, _freq_at
+from ._distributed import PendingStats
+from ._layers import LayerHelper
+from ._linalg import safe_eigh
+from .base import CurvatureBlock, CurvatureOptimizer, Schedule, check_schedule, freq_at
 
 __all__ = [
     "PROJECTION_DTYPES",
     "SCALING_MODES",
+    "DampingRule",
+    "EigenCorrectedBlock",
     "EigenCorrectedOptimizer",
-    "EigenCorrection",
+    "FactorStructure",
+    "KroneckerEigen",
     "StepFlags",
+    "constant_damping",
     "projected_second_moment",
     "resolve_projection_dtype",
 ]
@@ -200,18 +212,76 @@ def projected_second_moment(
     return out
 
 
-# ----------------------------------------------------------------------------- block mixin
-class EigenCorrection:
-    """Mixin for a :class:`~optimizers.base.CurvatureBlock` with a Kronecker eigenbasis.
+# ----------------------------------------------------------------------------- the block
+class FactorStructure(Protocol):
+    """The Kronecker-factored statistics ``c · X_A ⊗ X_G`` that an :class:`EigenCorrectedBlock`
+    corrects (:class:`~optimizers._kronecker.KroneckerBlock`: ``T·A⊗G``;
+    :class:`~optimizers.tkfac.TKFACBlock`: ``δ·Φ⊗Ψ``).  It is a curvature block used for its
+    statistics only: it owns the state (``tensors``, ``meta``, ``pending``) that the
+    eigen-corrected block adds its basis and scalings to."""
 
-    The host block captures the raw layer input (``raw_input = True``), stores its basis in
-    ``tensors["QA"]`` (absent for an embedding) and ``tensors["QG"]``, implements
-    ``update_factor_stats(rows, g)`` (factor statistics from input rows ``(N, T, n-1)`` and
-    output rows), ``commit_factor_sums(sums, rows, examples, decay)`` and calls
-    :meth:`reset_scalings` at the end of its ``refresh``.  Tensors added here: ``s`` (scalings),
-    ``damp`` (the damping term ``D``, scalar or ``m × n``) and ``scale = 1/(s + D)``.
+    layer: LayerHelper
+    diagonal: bool
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+    pending: PendingStats
+    stat_dtype: torch.dtype
+
+    def row_chunks(self, a: Tensor, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def update_factor_stats(self, rows: Tensor, g: Tensor) -> None:
+        """Accumulate the factor statistics from input rows ``(N, T, n-1)`` and output rows."""
+        ...
+
+    def commit_factor_sums(
+        self, sums: dict[str, Tensor], rows: int, examples: int, decay: float
+    ) -> None:
+        """Fold the batch sums of the factor statistics into the running ones."""
+        ...
+
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(X_A, X_G, c)``: input factor (a vector when ``diagonal``), output factor and the
+        scalar coefficient."""
+        ...
+
+    def stat_keys(self) -> frozenset[str] | None: ...
+
+
+@dataclass(frozen=True)
+class KroneckerEigen:
+    """Eigenpairs of a new basis: ``X_G = Q_G diag(d_G) Q_Gᵀ``, ``X_A = Q_A diag(d_A) Q_Aᵀ``
+    (``q_a`` is ``None`` for a diagonal input factor) and the coefficient ``c``."""
+
+    d_g: Tensor
+    q_g: Tensor
+    d_a: Tensor
+    q_a: Tensor | None
+    coeff: float
+
+
+#: the damping term ``D`` of a new basis from the damping λ and its eigenpairs (a scalar or an
+#: ``m × n`` matrix)
+DampingRule = Callable[[float, KroneckerEigen], Tensor | float]
+
+
+def constant_damping(damping: float, eig: KroneckerEigen) -> Tensor | float:
+    """EKFAC's ``D = λ``."""
+    return damping
+
+
+class EigenCorrectedBlock(CurvatureBlock):
+    """Eigenvalue-corrected scalings in the eigenbasis of a :class:`FactorStructure`.
+
+    The raw layer input is captured; input rows are built a few examples at a time and feed
+    both the factor statistics and the exact scalings' projections.  ``tensors`` adds ``dA``,
+    ``QA`` (eigen-pairs of the input factor; no ``QA`` for an embedding), ``dG``, ``QG``, the
+    scalings ``s``, the damping term ``damp`` (``D``, scalar or ``m × n``) and
+    ``scale = 1/(s + D)`` to the structure's statistics; all state lives in the structure.
     """
 
+    homogeneous_input = False
+    raw_input = True
+    raw_output = False  # the scalings' projections need the per-example output rows
     #: the scalings are updated by ``commit_stats`` and the basis is read by ``update_stats``,
     #: so under DDP every rank keeps the decomposition (``QA``, ``QG``, ``s``, ``damp``, ``scale``
     #: are decompositions: reset by ``refresh`` on the inverse worker and broadcast; the
@@ -219,25 +289,64 @@ class EigenCorrection:
     #: the same scaling updates)
     decomposition_on_every_rank = True
 
-    tensors: dict[str, Tensor]
-    meta: dict[str, Any]
-    layer: Any
-    dtype: torch.dtype
-    n: int
-
-    def init_correction(
+    def __init__(
         self,
+        structure: FactorStructure,
         *,
+        damping_rule: DampingRule = constant_damping,
         scalings: str = "exact",
         scale_decay: float = 0.95,
         projection_dtype: str = "auto",
         flags: StepFlags | None = None,
     ) -> None:
         _check_scaling_options(scalings, scale_decay, projection_dtype)
+        #: owns the state (see the properties below), so it exists before the base class
+        #: initialises that state
+        self.structure = structure
+        super().__init__(structure.layer)
+        self.damping_rule = damping_rule
         self.scalings = scalings
         self.scale_decay = float(scale_decay)
         self.projection_dtype = projection_dtype
         self.flags = flags if flags is not None else StepFlags()
+        self.m = self.layer.out_dim
+        self.n = self.layer.in_dim
+
+    # -- one state, kept by the structure ------------------------------------------------
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        return self.structure.tensors
+
+    @tensors.setter
+    def tensors(self, value: dict[str, Tensor]) -> None:
+        self.structure.tensors = value
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.structure.meta
+
+    @meta.setter
+    def meta(self, value: dict[str, Any]) -> None:
+        self.structure.meta = value
+
+    @property
+    def pending(self) -> PendingStats:
+        return self.structure.pending
+
+    @pending.setter
+    def pending(self, value: PendingStats) -> None:
+        self.structure.pending = value
+
+    @property
+    def stat_dtype(self) -> torch.dtype:
+        return self.structure.stat_dtype
+
+    @stat_dtype.setter
+    def stat_dtype(self, value: torch.dtype) -> None:
+        self.structure.stat_dtype = value
+
+    def stat_keys(self) -> frozenset[str] | None:
+        return self.structure.stat_keys()
 
     # -- statistics -----------------------------------------------------------------
     @property
@@ -252,9 +361,9 @@ class EigenCorrection:
         exact = self.scalings == "exact" and f.scalings and self.has_basis
         if not (f.factors or exact):
             return
-        for rows, gi in self.row_chunks(a, g):  # type: ignore[attr-defined]
+        for rows, gi in self.structure.row_chunks(a, g):
             if f.factors:
-                self.update_factor_stats(rows, gi)  # type: ignore[attr-defined]
+                self.structure.update_factor_stats(rows, gi)
             if exact:
                 self.update_stats_from_rows(rows, gi, counted=f.factors)
 
@@ -267,21 +376,51 @@ class EigenCorrection:
             a, g, self.tensors.get("QA"), qg, n=self.n, has_bias=self.layer.has_bias, dtype=dtype
         )
         if counted:
-            self.accumulate("S", s)  # type: ignore[attr-defined]
+            self.accumulate("S", s)
         else:
-            self.accumulate(  # type: ignore[attr-defined]
-                "S", s, rows=g.shape[0] * g.shape[1], examples=g.shape[0]
-            )
+            self.accumulate("S", s, rows=g.shape[0] * g.shape[1], examples=g.shape[0])
 
     def commit_stats(self, decay: float) -> None:
-        sums, rows, examples = self.take_pending()  # type: ignore[attr-defined]
+        sums, rows, examples = self.take_pending()
         if any(k != "S" for k in sums):
-            self.commit_factor_sums(sums, rows, examples, decay)  # type: ignore[attr-defined]
+            self.structure.commit_factor_sums(sums, rows, examples, decay)
             self.meta["examples"] = examples  # the batch size N used by the ``ra`` mode
         if "S" in sums and self.has_basis:
-            self._update_scalings(sums["S"] / max(examples, 1))
+            self.update_scalings(sums["S"] / max(examples, 1))
 
-    # -- scalings ---------------------------------------------------------------------
+    # -- basis and scalings -------------------------------------------------------------
+    def refresh(self, damping: float) -> bool:
+        """Recompute the eigenbasis of the structure's factors, reset the scalings to its
+        Kronecker eigenvalues ``c·d_G⊗d_A`` and the damping term by the damping rule."""
+        if not all(k in self.tensors for k in self.stat_keys() or ()):
+            return True
+        xa, xg, coeff = self.structure.factors()
+        eg = safe_eigh(xg)
+        if eg is None:
+            return False
+        new = {"dG": eg[0], "QG": eg[1]}
+        if self.structure.diagonal:
+            d_a, q_a = xa.clamp_min(0), None
+        else:
+            ea = safe_eigh(xa)
+            if ea is None:
+                return False
+            d_a, q_a = ea
+            new["QA"] = q_a
+        new["dA"] = d_a
+        for k in ("dA", "QA", "dG", "QG"):
+            self.tensors.pop(k, None)
+        self.tensors.update(new)
+        eig = KroneckerEigen(d_g=eg[0], q_g=eg[1], d_a=d_a, q_a=q_a, coeff=coeff)
+        self.reset_scalings(coeff * torch.outer(eig.d_g, eig.d_a), self.damping_rule(damping, eig))
+        self.ready = True
+        return True
+
+    def kronecker_eigenvalues(self) -> Tensor:
+        """``c·d_G⊗d_A`` of the current basis (the values the scalings were reset to)."""
+        t = self.tensors
+        return self.structure.factors()[2] * torch.outer(t["dG"], t["dA"])
+
     def reset_scalings(self, s0: Tensor, damp: Tensor | float) -> None:
         """Start the scalings of a new basis at ``s0`` with damping term ``damp``."""
         damp_t = torch.as_tensor(damp, dtype=self.dtype, device=s0.device)
@@ -290,7 +429,8 @@ class EigenCorrection:
         self.tensors["scale"] = 1.0 / (self.tensors["s"] + damp_t)
         self.meta["scale_updates"] = 0
 
-    def _update_scalings(self, batch: Tensor) -> None:
+    def update_scalings(self, batch: Tensor) -> None:
+        """One averaging step ``s ← β_k s + (1-β_k)·batch`` (see the module docstring)."""
         k = int(self.meta.get("scale_updates", 0)) + 1
         beta = self.scale_decay  # ``ra``: the reset values stay in the average
         if self.scalings == "exact":
@@ -315,63 +455,74 @@ class EigenCorrection:
         ):
             self.meta["ra_step"] = f.step
             n_ex = float(self.meta.get("examples", 1))
-            self._update_scalings(proj.square() * n_ex)
+            self.update_scalings(proj.square() * n_ex)
         proj = proj * t["scale"]
         return qg @ proj if qa is None else qg @ proj @ qa.t()
 
 
-# ----------------------------------------------------------------------------- optimizer mixin
-class EigenCorrectedOptimizer:
-    """Mixin for a :class:`~optimizers.base.CurvatureOptimizer` whose blocks use
-    :class:`EigenCorrection`: scaling schedule and per-step flags.
+# ----------------------------------------------------------------------------- the optimizer
+class EigenCorrectedOptimizer(CurvatureOptimizer):
+    """Base of the eigen-corrected methods: scaling options and schedule, per-step flags.
 
-    Call :meth:`init_scalings` *before* ``CurvatureOptimizer.__init__``; pass ``self.step_flags``
-    to every block.
+    A method's :meth:`make_block` returns :meth:`corrected` of its factor structure (and its
+    damping rule).
     """
 
-    def init_scalings(
+    def __init__(
         self,
-        scalings: str,
-        scale_every: Schedule | None,
-        scale_decay: float,
+        model: torch.nn.Module,
+        *,
+        scalings: str = "exact",
+        scale_every: Schedule | None = None,
+        scale_decay: float = 0.95,
         projection_dtype: str = "auto",
+        **kwargs: Any,
     ) -> None:
         _check_scaling_options(scalings, scale_decay, projection_dtype)
         self.projection_dtype = projection_dtype
         self.scalings = scalings
         self.scale_every: Schedule | None = (
-            None if scale_every is None else _check_schedule("scale_every", scale_every)
+            None if scale_every is None else check_schedule("scale_every", scale_every)
         )
         self.scale_decay = float(scale_decay)
-        self.step_flags = StepFlags()
+        super().__init__(model, **kwargs)
 
-    def correction_options(self) -> dict[str, Any]:
-        """Keyword arguments of :meth:`EigenCorrection.init_correction` for a new block."""
-        return {
-            "scalings": self.scalings,
-            "scale_decay": self.scale_decay,
-            "projection_dtype": self.projection_dtype,
-            "flags": self.step_flags,
-        }
+    @functools.cached_property
+    def step_flags(self) -> StepFlags:
+        """What the current step does (shared by every block)."""
+        return StepFlags()
+
+    def corrected(
+        self, structure: FactorStructure, damping_rule: DampingRule = constant_damping
+    ) -> EigenCorrectedBlock:
+        """The eigen-corrected block of ``structure`` with this optimizer's scaling options."""
+        return EigenCorrectedBlock(
+            structure,
+            damping_rule=damping_rule,
+            scalings=self.scalings,
+            scale_decay=self.scale_decay,
+            projection_dtype=self.projection_dtype,
+            flags=self.step_flags,
+        )
 
     def is_scale_step(self, step: int) -> bool:
         """Scaling update on ``step`` (default ``scale_every=None``: the statistic steps)."""
         if self.scale_every is None:
-            return self.is_stat_step(step)  # type: ignore[attr-defined]
-        return step % _freq_at("scale_every", self.scale_every, step) == 0
+            return self.is_stat_step(step)
+        return step % freq_at("scale_every", self.scale_every, step) == 0
 
     def capture_step(self, step: int) -> bool:
         f = self.step_flags
         f.step = step
-        f.factors = self.is_stat_step(step)  # type: ignore[attr-defined]
-        f.refresh = self.is_inv_step(step)  # type: ignore[attr-defined]
+        f.factors = self.is_stat_step(step)
+        f.refresh = self.is_inv_step(step)
         f.scalings = self.is_scale_step(step) and not f.refresh
         return f.factors or (f.scalings and self.scalings == "exact")
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         self.step_flags.stepping = True
         try:
-            return super().step(closure)  # type: ignore[misc]
+            return super().step(closure)
         finally:
             self.step_flags.stepping = False
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ._layers import LayerHelper
+from ._linalg import columns as _columns
 from ._linalg import gram as _gram
 from ._linalg import safe_eigh, safe_inv
 from .base import CurvatureBlock
@@ -111,8 +112,19 @@ class KroneckerBlock(CurvatureBlock):
             a0, s, rows_a = _gram(xt), xt.sum(1), xt.shape[1]
         self.accumulate("A", bias_bordered(a0, s, rows_a) if self.layer.has_bias else a0)
 
+    def update_factor_stats(self, rows: Tensor, g: Tensor) -> None:
+        """The factor statistics from input rows ``(N, T, n-1)`` and output rows ``(N, T, m)``
+        (as a factor structure of :class:`optimizers._eigencorrect.EigenCorrectedBlock`)."""
+        self.add_factor_stats(rows, g, raw_a=False, raw_g=False)
+
     def commit_stats(self, decay: float) -> None:
         sums, rows, examples = self.take_pending()
+        self.commit_factor_sums(sums, rows, examples, decay)
+
+    def commit_factor_sums(
+        self, sums: dict[str, Tensor], rows: int, examples: int, decay: float
+    ) -> None:
+        """Fold the batch sums into the running ``A``, ``G``, ``T``."""
         self.ema("A", (sums["A"] / rows).to(self.dtype), decay)
         self.ema("G", (sums["G"] / rows).to(self.dtype), decay)
         t = torch.tensor(rows / max(examples, 1), dtype=self.dtype, device=self.device)
@@ -139,7 +151,9 @@ class KroneckerBlock(CurvatureBlock):
         self.ready = True
         return True
 
-    def _refresh_eigen(self, A: Tensor, G: Tensor, T: float, damping: float) -> dict | None:
+    def _refresh_eigen(
+        self, A: Tensor, G: Tensor, T: float, damping: float
+    ) -> dict[str, Tensor] | None:
         eg = safe_eigh(G)
         if eg is None:
             return None
@@ -156,7 +170,9 @@ class KroneckerBlock(CurvatureBlock):
         out["scale"] = 1.0 / (T * torch.outer(dG, dA) + damping)
         return out
 
-    def _refresh_inverse(self, A: Tensor, G: Tensor, T: float, damping: float) -> dict | None:
+    def _refresh_inverse(
+        self, A: Tensor, G: Tensor, T: float, damping: float
+    ) -> dict[str, Tensor] | None:
         lam = damping / T
         if self.damping_form == "factored_tikhonov":
             gamma = math.sqrt(lam)
@@ -173,6 +189,7 @@ class KroneckerBlock(CurvatureBlock):
         g_inv = safe_inv(G + g_shift * eye_m)
         if g_inv is None:
             return None
+        a_inv: Tensor | None
         if self.diagonal:
             a_inv = 1.0 / (A + a_shift)
         else:
@@ -220,9 +237,3 @@ def bias_bordered(a0: Tensor, s: Tensor, total: Tensor | float) -> Tensor:
     full[-1, :-1] = s
     full[-1, -1] = total
     return full
-
-
-def _columns(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(N, T, k)`` rows -> ``(k, N·T)`` columns in ``dtype`` (one copy at most)."""
-    k = x.shape[-1]
-    return x.permute(2, 0, 1).reshape(k, -1).to(dtype)

@@ -20,6 +20,7 @@ its own example and ``T == 1``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ class LayerHelper:
         self.name = name
         self.module = module
         self.loss_average = loss_average
-        self.weight: nn.Parameter = module.weight
+        self.weight = cast(nn.Parameter, module.weight)
         self.bias: nn.Parameter | None = getattr(module, "bias", None)
         self.has_bias = self.bias is not None
 
@@ -178,6 +179,7 @@ class LinearHelper(LayerHelper):
     """``nn.Linear`` on ``(N, d)`` or ``(N, ..., d)`` inputs (extra dims are locations/tokens)."""
 
     kind = "linear"
+    module: nn.Linear
 
     @property
     def out_dim(self) -> int:
@@ -220,14 +222,20 @@ class Conv2dHelper(LayerHelper):
     """
 
     kind = "conv2d"
+    module: nn.Conv2d
 
     def __init__(self, name: str, module: nn.Conv2d, *, loss_average: str = "batch") -> None:
         super().__init__(name, module, loss_average=loss_average)
         m = module
         self._explicit_pad = isinstance(m.padding, str) or m.padding_mode != "zeros"
-        self._pad = getattr(m, "_reversed_padding_repeated_twice", None)
-        if self._explicit_pad and self._pad is None:  # pragma: no cover - torch internals moved
+        pad = getattr(m, "_reversed_padding_repeated_twice", None)
+        if self._explicit_pad and pad is None:  # pragma: no cover - torch internals moved
             raise UnsupportedLayerError(f"{name}: cannot determine the padding of {m}")
+        #: ``(left, right, top, bottom)`` for the explicit ``F.pad`` (unused otherwise)
+        self._pad: tuple[int, ...] = tuple(pad) if pad is not None else (0, 0, 0, 0)
+        #: ``(ph, pw)`` of zero padding given as numbers (unused with an explicit pad)
+        p = m.padding
+        self._sym_pad = (0, 0) if isinstance(p, str) else (int(p[0]), int(p[1]))
 
     @property
     def out_dim(self) -> int:
@@ -245,7 +253,7 @@ class Conv2dHelper(LayerHelper):
             left, right, top, bottom = self._pad
             h, w = h + top + bottom, w + left + right
         else:
-            h, w = h + 2 * m.padding[0], w + 2 * m.padding[1]
+            h, w = h + 2 * self._sym_pad[0], w + 2 * self._sym_pad[1]
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
         return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
 
@@ -259,8 +267,8 @@ class Conv2dHelper(LayerHelper):
         if self._explicit_pad:
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
             x = F.pad(a, self._pad, mode=mode)
-        elif any(m.padding):
-            ph, pw = m.padding
+        elif any(self._sym_pad):
+            ph, pw = self._sym_pad
             x = F.pad(a, (pw, pw, ph, ph))
         else:
             x = a
@@ -338,6 +346,7 @@ class EmbeddingHelper(LayerHelper):
     """
 
     kind = "embedding"
+    module: nn.Embedding
     diagonal_input = True
 
     @property

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["add_gram_", "gram", "compute_dtype", "safe_eigh", "safe_inv", "symmetrize"]
+__all__ = [
+    "add_gram_", "columns", "gram", "compute_dtype", "safe_eigh", "safe_inv", "symmetrize",
+]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,3 +105,9 @@ def safe_inv(m: Tensor) -> Tensor | None:
         if _finite(inv):
             return inv.to(out_dtype)
     return None
+
+
+def columns(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(N, T, k)`` rows -> ``(k, N·T)`` columns in ``dtype`` (one copy at most)."""
+    k = x.shape[-1]
+    return x.permute(2, 0, 1).reshape(k, -1).to(dtype)

@@ -63,9 +63,10 @@ Example (a diagonal-of-A toy method)::
 Subclasses that need extra options set them as attributes *before* calling
 ``super().__init__`` (``make_block`` runs inside it).
 
-Distributed (KAISA, :mod:`optimizers._distributed`): under DDP (``torch.distributed``
-initialised, world size > 1) the optimizer all-reduces every block's pending sums and counters
-before ``commit_stats`` and runs ``refresh`` only on the block's *inverse worker*, then
+Distributed (KAISA, :mod:`optimizers._distributed`): every exchange goes through the
+optimizer's communication object, local in one process.  Under DDP (``torch.distributed``
+initialised, world size > 1) it all-reduces every block's pending sums and counters
+before ``commit_stats``, ``refresh`` runs only on the block's *inverse worker*, and it
 broadcasts the block's **decomposition** tensors.  Block authors declare
 ``statistic_keys`` — the names in ``tensors`` maintained by ``commit_stats`` (identical on every
 rank; never broadcast).  Every other tensor is a decomposition: written by ``refresh`` (which
@@ -77,7 +78,8 @@ the load.  Pending statistics must be floating tensors that are sums (or means) 
 batch, with the row/example counts passed to :meth:`CurvatureBlock.accumulate`.
 
 :class:`optimizers._kronecker.KroneckerBlock` is the reusable ``A ⊗ G`` block (factors, eigen /
-factored-Tikhonov / inverse damping).
+factored-Tikhonov / inverse damping); :class:`optimizers._eigencorrect.EigenCorrectedBlock` adds
+eigenvalue-corrected scalings to any such factor structure (EKFAC, TEKFAC).
 """
 
 from __future__ import annotations
@@ -90,12 +92,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from ._distributed import KaisaComm, dist_world
+from ._distributed import Assignment, Comm, LocalComm, PendingStats, Refreshed, make_comm
 from ._layers import LOSS_AVERAGES, LayerHelper, make_helper, unsupported_reason
 from ._linalg import compute_dtype
 from .param_groups import split_decay_groups
@@ -107,7 +109,10 @@ __all__ = [
     "CurvatureOptimizer",
     "Schedule",
     "STAT_DTYPES",
+    "check_choice",
+    "check_schedule",
     "curvature_factory",
+    "freq_at",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,9 +138,10 @@ def _check_positive(key: str, value: Any, *, strict: bool = True) -> float:
     return float(value)
 
 
-def _check_schedule(key: str, value: Any) -> Schedule:
+def check_schedule(key: str, value: Any) -> Schedule:
+    """``value`` as a frequency (:data:`Schedule`); a bad one raises naming ``optimizer.key``."""
     if callable(value):
-        return value
+        return cast(Schedule, value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
             f"optimizer.{key} must be an int >= 1 or a callable step -> int, got {value!r}"
@@ -143,11 +149,18 @@ def _check_schedule(key: str, value: Any) -> Schedule:
     return value
 
 
-def _freq_at(key: str, sched: Schedule, step: int) -> int:
+def freq_at(key: str, sched: Schedule, step: int) -> int:
+    """The frequency of ``sched`` at ``step`` (a schedule's value is checked)."""
     f = sched(step) if callable(sched) else sched
     if isinstance(f, bool) or not isinstance(f, int) or f < 1:
         raise ValueError(f"optimizer.{key} schedule returned {f!r} at step {step}; need int >= 1")
     return f
+
+
+def check_choice(key: str, value: object, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``optimizer.key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"optimizer.{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _as_names(key: str, value: Any) -> list[str]:
@@ -209,9 +222,8 @@ class CurvatureBlock:
         self.tensors: dict[str, Tensor] = {}
         #: persistent python scalars
         self.meta: dict[str, Any] = {"ready": False}
-        self._pending: dict[str, Tensor] = {}
-        self._pending_rows = 0
-        self._pending_examples = 0
+        #: batch statistics since the last commit (:meth:`accumulate`, :meth:`take_pending`)
+        self.pending = PendingStats()
 
     # -- to implement -----------------------------------------------------------
     def update_stats(self, a: Tensor, g: Tensor) -> None:
@@ -243,7 +255,7 @@ class CurvatureBlock:
 
     @property
     def has_pending(self) -> bool:
-        return self._pending_rows > 0
+        return self.pending.rows > 0
 
     def row_chunks(self, a: Tensor, g: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """``(rows, g_chunk)``: input rows without the bias column (``input_rows``) of the raw
@@ -255,21 +267,18 @@ class CurvatureBlock:
     def accumulate(self, key: str, value: Tensor, *, rows: int = 0, examples: int = 0) -> None:
         """Add ``value`` to the pending batch sum ``key``; count ``rows``/``examples`` once per
         captured call (pass them with one of the keys only)."""
-        cur = self._pending.get(key)
-        self._pending[key] = value if cur is None else cur + value
-        self._pending_rows += rows
-        self._pending_examples += examples
+        self.pending.add(key, value, rows=rows, examples=examples)
 
-    def pending_tensors(self) -> list[Tensor]:
-        """Pending batch sums (a distributed wrapper all-reduces these before commit)."""
-        return list(self._pending.values())
+    def set_pending(self, stats: PendingStats) -> None:
+        """Replace the pending statistics (the comm hands back their sum over ranks)."""
+        self.pending = stats
 
     def take_pending(self) -> tuple[dict[str, Tensor], int, int]:
         """``(sums, rows, examples)`` accumulated since the last commit; clears them."""
-        out = (self._pending, self._pending_rows, self._pending_examples)
-        self._pending, self._pending_rows, self._pending_examples = {}, 0, 0
+        p = self.pending
+        self.pending = PendingStats()
         self.meta["commits"] = int(self.meta.get("commits", 0)) + 1
-        return out
+        return p.sums, p.rows, p.examples
 
     def stat_keys(self) -> frozenset[str] | None:
         """The statistic names (declared, or inferred from :meth:`ema`; ``None``: unknown)."""
@@ -289,7 +298,7 @@ class CurvatureBlock:
         return float(n**3 + self.layer.out_dim**3)
 
     def discard_pending(self) -> None:
-        self._pending, self._pending_rows, self._pending_examples = {}, 0, 0
+        self.pending = PendingStats()
 
     def ema(self, key: str, value: Tensor, decay: float) -> Tensor:
         """``X <- decay·X + (1-decay)·value`` (first call: ``X = value``)."""
@@ -419,8 +428,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"optimizer.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
                 f"got {loss_average!r}"
             )
-        self.stat_every = _check_schedule("stat_every", stat_every)
-        self.inv_every = _check_schedule("inv_every", inv_every)
+        self.stat_every = check_schedule("stat_every", stat_every)
+        self.inv_every = check_schedule("inv_every", inv_every)
         if isinstance(stat_every, int) and isinstance(inv_every, int) and inv_every % stat_every:
             warnings.warn(
                 f"optimizer.inv_every={inv_every} is not a multiple of "
@@ -468,8 +477,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for n, h in self.layers.items()
         ]
         self._capture_on = self.capture_step(0)
-        self._dist: KaisaComm | None = None
-        self._dist_checked = False
+        #: the communication object: :class:`LocalComm` until the first step, then the one
+        #: :func:`~optimizers._distributed.make_comm` picks (KAISA under DDP)
+        self._comm: Comm = LocalComm(self.blocks)
+        self._comm_ready = False
         self._after_load: set[str] | None = None
         self._consolidated: dict[str, dict[str, Tensor]] = {}
 
@@ -479,10 +490,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def is_stat_step(self, step: int) -> bool:
-        return step % _freq_at("stat_every", self.stat_every, step) == 0
+        return step % freq_at("stat_every", self.stat_every, step) == 0
 
     def is_inv_step(self, step: int) -> bool:
-        return step % _freq_at("inv_every", self.inv_every, step) == 0
+        return step % freq_at("inv_every", self.inv_every, step) == 0
 
     def capture_step(self, step: int) -> bool:
         """Whether hooks capture ``(a, g)`` during the forward/backward of ``step``
@@ -601,6 +612,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         t0 = time.perf_counter()
         layer = self.layers[name]
         a = entry.a
+        assert a is not None, "a capture is consumed once"
         entry.a, entry.used, entry.fallback = None, True, None
         block = self.blocks[name]
         block.update_stats(a, g.detach() if block.raw_output else layer.output_rows(g))
@@ -653,9 +665,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     )
                     self._consume(name, entry, entry.fallback)
             caps.clear()
-        comm0 = self._comm_seconds()
-        if self._dist is not None:
-            self._dist.reduce_pending([b for b in self.blocks.values() if b.has_pending])
+        comm0 = self._comm.seconds
+        self._comm.reduce_pending([b for b in self.blocks.values() if b.has_pending])
         fresh = []
         for name, block in self.blocks.items():
             if block.has_pending:
@@ -666,28 +677,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _refresh(self, names: Sequence[str]) -> None:
         t0 = time.perf_counter()
-        comm0 = self._comm_seconds()
-        dist_on = self._dist is not None
+        comm0 = self._comm.seconds
         names = [n for n in names if self.blocks[n].has_stats]
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, Refreshed] = {}
         for name in names:
             block = self.blocks[name]
-            if dist_on and not self._dist.is_inverse_worker(name):  # type: ignore[union-attr]
+            if not self._comm.is_inverse_worker(name):
                 continue
             before = {k: id(t) for k, t in block.tensors.items()}
             damping = self.param_groups[self._group_index[name]]["damping"]
             ok = block.refresh(float(damping))
-            if dist_on:
-                stats = block.stat_keys()
-                if stats is not None:
-                    keys = sorted(k for k in block.tensors if k not in stats)
-                else:  # undeclared: whatever refresh added or replaced
-                    keys = sorted(k for k, t in block.tensors.items() if before.get(k) != id(t))
-                results[name] = {"ok": bool(ok), "keys": keys}
-            elif not ok:
-                self._refresh_failed(name)
-        if dist_on and names:
-            oks = self._dist.share_decompositions(names, self.blocks, results)  # type: ignore[union-attr]
+            stats = block.stat_keys()
+            if stats is not None:
+                keys = sorted(k for k in block.tensors if k not in stats)
+            else:  # undeclared: whatever refresh added or replaced
+                keys = sorted(k for k, t in block.tensors.items() if before.get(k) != id(t))
+            results[name] = Refreshed(bool(ok), keys)
+        if names:
+            oks = self._comm.share_decompositions(names, self.blocks, results)
             for name, ok in oks.items():
                 if not ok:
                     self._refresh_failed(name)
@@ -702,7 +709,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _precondition(self) -> None:
         t0 = time.perf_counter()
-        comm0 = self._comm_seconds()
+        comm0 = self._comm.seconds
         grads: dict[str, Tensor] = {}
         mine: dict[str, Tensor] = {}
         for name, block in self.blocks.items():
@@ -712,12 +719,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if grad is None:
                 continue
             grads[name] = grad
-            if self._dist is None or self._dist.holds(name):
+            if self._comm.holds(name):
                 mine[name] = block.precondition(grad.to(block.dtype))
-        if self._dist is not None and grads:
+        if grads:
             shapes = {n: (g.shape, self.blocks[n].dtype) for n, g in grads.items()}
             device = next(iter(grads.values())).device
-            mine = self._dist.share_gradients(shapes, mine, device)
+            mine = self._comm.share_gradients(shapes, mine, device)
         done: list[tuple[LayerHelper, Tensor]] = []
         vdotp = 0.0
         for name, grad in grads.items():
@@ -777,46 +784,36 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ distributed
     def _setup_distributed(self) -> None:
-        if self._dist_checked:
+        if self._comm_ready:
             return
-        self._dist_checked = True
-        _, world = dist_world()
-        if world <= 1:
-            return
-        self._dist = KaisaComm(self.blocks, grad_worker_fraction=self.grad_worker_fraction)
-        self._times.setdefault("communication", 0.0)
-        log.info(
-            "%s: KAISA over %d ranks, %d gradient worker(s) per layer; inverse workers %s",
-            type(self).__name__, world, self._dist.assignment.grad_workers,
-            self._dist.assignment.inv_worker,
+        self._comm_ready = True
+        self._comm = make_comm(
+            self.blocks, grad_worker_fraction=self.grad_worker_fraction,
+            owner=type(self).__name__,
         )
+        if self._comm.world > 1:
+            self._times.setdefault("communication", 0.0)
         if self._after_load is not None:
-            self._dist.trim(self.blocks)
-
-    def _comm_seconds(self) -> float:
-        return self._dist.seconds if self._dist is not None else 0.0
+            self._comm.trim(self.blocks)
 
     def _comm_delta(self, before: float) -> float:
         """Communication seconds since ``before`` (added to the ``communication`` phase)."""
-        if self._dist is None:
-            return 0.0
-        d = self._dist.seconds - before
-        self._times["communication"] = self._times.get("communication", 0.0) + d
+        d = self._comm.seconds - before
+        if d:
+            self._times["communication"] = self._times.get("communication", 0.0) + d
         return d
 
     @property
-    def work_assignment(self) -> Any:
-        """The KAISA :class:`~optimizers._distributed.Assignment` (``None`` in one process or
-        before the first step)."""
-        return None if self._dist is None else self._dist.assignment
+    def work_assignment(self) -> Assignment:
+        """The KAISA work :class:`~optimizers._distributed.Assignment` (in one process, and
+        before the first step, the one-rank assignment: this rank does everything)."""
+        return self._comm.assignment
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Collective (call on every rank): gather the decompositions rank ``to`` does not hold
         so that its next :meth:`state_dict` is complete (``grad_worker_fraction < 1``)."""
         self._setup_distributed()
-        if self._dist is None or self._dist.assignment.grad_workers == self._dist.world:
-            return
-        self._consolidated = self._dist.gather_to(to, self.blocks)
+        self._consolidated = self._comm.gather_to(to, self.blocks)
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -882,8 +879,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 RuntimeWarning, stacklevel=2,
             )
         self._after_load = again
-        if self._dist is not None:
-            self._dist.trim(self.blocks)
+        self._comm.trim(self.blocks)
         for caps in self._captures.values():
             caps.clear()
         self._capture_on = self.capture_step(self._step)
@@ -931,7 +927,7 @@ def curvature_factory(
             raise TypeError(f"{name}: unexpected keyword argument(s) {', '.join(bad)}")
         return cls(model, **{**base, **hparams})
 
-    factory.__signature__ = inspect.Signature([model, *ordered], return_annotation=cls)
+    vars(factory)["__signature__"] = inspect.Signature([model, *ordered], return_annotation=cls)
     factory.__name__ = factory.__qualname__ = f"build_{name}"
     factory.__doc__ = f"Build :class:`{cls.__module__}.{cls.__name__}` (registry name {name!r})."
     return factory

@@ -38,87 +38,20 @@ Choices (explicit options, defaults first):
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
-
-from ._eigencorrect import EigenCorrectedOptimizer, EigenCorrection, StepFlags
+from ._eigencorrect import EigenCorrectedBlock, EigenCorrectedOptimizer
 from ._kronecker import KroneckerBlock
 from ._layers import LayerHelper
-from .base import CurvatureOptimizer, Schedule, curvature_factory
+from .base import curvature_factory
 from .registry import OptimizerSpec, register
 
-__all__ = ["EKFAC", "EKFACBlock", "build_ekfac"]
+__all__ = ["EKFAC", "build_ekfac"]
 
 
-class EKFACBlock(EigenCorrection, KroneckerBlock):
-    """K-FAC factors + eigenvalue-corrected scalings in their eigenbasis."""
+class EKFAC(EigenCorrectedOptimizer):
+    """EKFAC (see the module docstring): eigenvalue-corrected K-FAC factors, ``D = λ``."""
 
-    def __init__(
-        self,
-        layer: LayerHelper,
-        *,
-        scalings: str = "exact",
-        scale_decay: float = 0.95,
-        projection_dtype: str = "auto",
-        flags: StepFlags | None = None,
-    ) -> None:
-        KroneckerBlock.__init__(self, layer, damping_form="eigen")
-        self.init_correction(
-            scalings=scalings,
-            scale_decay=scale_decay,
-            projection_dtype=projection_dtype,
-            flags=flags,
-        )
-
-    #: raw input captured (as K-FAC); :meth:`EigenCorrection.update_stats` builds the rows
-    raw_input = True
-    raw_output = False  # the scalings' projections need the per-example output rows
-
-    def update_factor_stats(self, rows: Tensor, g: Tensor) -> None:
-        self.add_factor_stats(rows, g, raw_a=False, raw_g=False)
-
-    def commit_factor_sums(
-        self, sums: dict[str, Tensor], rows: int, examples: int, decay: float
-    ) -> None:
-        self.ema("A", sums["A"] / rows, decay)
-        self.ema("G", sums["G"] / rows, decay)
-        t = torch.tensor(rows / max(examples, 1), dtype=self.dtype, device=self.device)
-        self.ema("T", t, decay)
-
-    def refresh(self, damping: float) -> bool:
-        if "A" not in self.tensors:
-            return True
-        if not KroneckerBlock.refresh(self, damping):
-            return False
-        t = self.tensors
-        _, _, T = self.factors()
-        self.reset_scalings(T * torch.outer(t["dG"], t["dA"]), damping)
-        return True
-
-    def kfac_eigenvalues(self) -> Tensor:
-        """``T·d_G⊗d_A`` of the current basis (the values the scalings were reset to)."""
-        t = self.tensors
-        return float(t["T"]) * torch.outer(t["dG"], t["dA"])
-
-
-class EKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
-    """EKFAC (see the module docstring)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        scalings: str = "exact",
-        scale_every: Schedule | None = None,
-        scale_decay: float = 0.95,
-        projection_dtype: str = "auto",
-        **kwargs,
-    ) -> None:
-        self.init_scalings(scalings, scale_every, scale_decay, projection_dtype)
-        super().__init__(model, **kwargs)
-
-    def make_block(self, layer: LayerHelper) -> EKFACBlock:
-        return EKFACBlock(layer, **self.correction_options())
+    def make_block(self, layer: LayerHelper) -> EigenCorrectedBlock:
+        return self.corrected(KroneckerBlock(layer))
 
 
 build_ekfac = curvature_factory(EKFAC, "ekfac")

@@ -27,6 +27,8 @@ Defaults and why:
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from ._kronecker import DAMPING_FORMS, KroneckerBlock
@@ -46,7 +48,7 @@ class KFAC(CurvatureOptimizer):
         *,
         damping_form: str = "eigen",
         pi_correction: bool = True,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         if damping_form not in DAMPING_FORMS:
             raise ValueError(

@@ -53,6 +53,8 @@ Memory: the running blocks and their inverses take ``2·Σ_b b²`` numbers per l
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -114,7 +116,7 @@ class _Layout:
         self.cols = n - int(self.diag_last)
         self.flat = kind == "chunk"
         if layer.kind == "conv2d":
-            kh, kw = layer.module.kernel_size
+            kh, kw = cast(nn.Conv2d, layer.module).kernel_size
             self.b, self.per_row = kh * kw, self.cols // (kh * kw)
         elif kind == "row":
             self.per_row = math.ceil(self.cols / max_block)
@@ -144,6 +146,7 @@ class _Layout:
         else:
             w = p.reshape(self.m, self.per_row * self.b)[:, : self.cols]
         if self.diag_last:
+            assert diag is not None, "a conv layer's bias diagonal"
             w = torch.cat([w, diag.unsqueeze(1)], dim=1)
         return w
 
@@ -172,11 +175,18 @@ class MBFBlock(CurvatureBlock):
         self.shared = kind == "shared_input" and layer.kind == "linear"
         self.passthrough = layer.diagonal_input  # embedding: plain SGD direction
         self.estimator = estimator
-        self.layout = (
+        self._layout = (
             None if self.shared or self.passthrough else _Layout(layer, kind, size, max_block)
         )
         # conv blocks never contain the bias: skip building the ones column
         self.homogeneous_input = layer.kind != "conv2d"
+
+    @property
+    def layout(self) -> _Layout:
+        """The mini-block layout (blocks that are neither shared-input nor passthrough)."""
+        if self._layout is None:
+            raise AttributeError(f"{self!r} has no mini-block layout (shared input or embedding)")
+        return self._layout
 
     @property
     def block_size(self) -> int:
@@ -284,7 +294,8 @@ class MBFBlock(CurvatureBlock):
         if self.shared:
             S, A, T = self.tensors["S"], self.tensors["A"], float(self.tensors["T"])
             eye = torch.eye(m * n, dtype=A.dtype)
-            return torch.block_diag(*[T * s * A for s in S]) + damping * eye
+            blocks: Tensor = torch.block_diag(*[T * s * A for s in S])
+            return blocks + damping * eye
         lay = self.layout
         F = self.tensors["F"]
         idx = torch.arange(m * n, dtype=torch.float64).reshape(m, n)
@@ -311,7 +322,7 @@ class MBF(CurvatureOptimizer):
         max_block: int = 128,
         estimator: str = "per_example",
         momentum_type: str = "heavy_ball",
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         parse_linear_block(linear_block)
         if isinstance(max_block, bool) or not isinstance(max_block, int) or max_block < 1:
@@ -350,7 +361,7 @@ class MBF(CurvatureOptimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if self.momentum_type == "grad_ema":
             for group in self.param_groups:
                 rho, l2 = group["grad_ema"], group["l2"]

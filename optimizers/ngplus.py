@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -250,7 +251,7 @@ def _embedding_gram(idx: Tensor, g: Tensor) -> Tensor:
 
 
 def _check_number(
-    key: str, value: object, *, low: float, high: float | None = None, low_open: bool = True
+    key: str, value: Any, *, low: float, high: float | None = None, low_open: bool = True
 ) -> float:
     ok = (
         isinstance(value, (int, float))
@@ -286,7 +287,7 @@ class NGPlus(CurvatureOptimizer):
         smw: str = "auto",
         damping_decay_rate: float = 1.0,
         damping_decay_every: int = 1000,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         alpha = _check_number("curvature_momentum", curvature_momentum, low=0.0, high=1.0)
         if smw not in SMW_MODES:
@@ -317,7 +318,7 @@ class NGPlus(CurvatureOptimizer):
         """``r^(k / damping_decay_every)`` at the current step ``k``."""
         if self.damping_decay_rate == 1.0:
             return 1.0
-        return self.damping_decay_rate ** (self.steps_taken / self.damping_decay_every)
+        return float(self.damping_decay_rate ** (self.steps_taken / self.damping_decay_every))
 
     def make_block(self, layer: LayerHelper) -> NGPlusBlock:
         return NGPlusBlock(

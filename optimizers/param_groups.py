@@ -31,7 +31,8 @@ def no_decay_names(model: nn.Module) -> set[str]:
 def split_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups, ``decay`` and ``no_decay``, covering every trainable parameter once."""
     skip = no_decay_names(model)
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

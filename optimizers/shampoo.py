@@ -33,6 +33,9 @@ from torch import nn
 from .param_groups import split_decay_groups
 from .registry import OptimizerSpec, register
 
+#: what the ``torch._foreach_*`` functions take and return
+_Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]
+
 __all__ = ["Shampoo", "build_shampoo", "merge_dims", "matrix_inverse_root"]
 
 GRAFTS = ("adam", "rmsprop", "adagrad", "sgd", "none")
@@ -304,7 +307,7 @@ class Shampoo(torch.optim.Optimizer):
         return plan
 
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], plan: _Plan) -> dict[str, Any]:
-        st = self.state[p]
+        st: dict[str, Any] = self.state[p]
         if "step" in st:
             return st
         st["step"] = 0
@@ -381,7 +384,7 @@ class Shampoo(torch.optim.Optimizer):
         steps = [st["step"] for st in states]
 
         t0 = time.perf_counter()
-        grads = [p.grad for p in params]
+        grads: _Tensors = [p.grad for p in params]
         if wd != 0 and group["weight_decay_type"] == "l2":
             grads = torch._foreach_add(grads, params, alpha=wd)
         # --- statistics: factor update with the (L2-augmented) gradient
@@ -407,6 +410,7 @@ class Shampoo(torch.optim.Optimizer):
         t2 = time.perf_counter()
         # --- first moment and graft direction
         same_step = all(s == steps[0] for s in steps)
+        filtered: _Tensors
         if beta1 > 0:
             exp_avgs = [st["exp_avg"] for st in states]
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -431,12 +435,12 @@ class Shampoo(torch.optim.Optimizer):
                 elif graft == "adam":
                     torch._foreach_div_(denom, [math.sqrt(1.0 - gb2**s) for s in steps])
             torch._foreach_add_(denom, group["graft_epsilon"])
-            graft_dirs = torch._foreach_div(filtered, denom)
+            graft_dirs: _Tensors = torch._foreach_div(filtered, denom)
         else:
             graft_dirs = filtered
         # --- Shampoo direction per block, then one batched graft rescale over all blocks
         dirs = list(graft_dirs)
-        pieces: list[tuple[int, torch.Tensor | None, _BlockGroup | None, torch.Tensor]] = []
+        pieces: list[tuple[int, torch.Tensor | None, _BlockGroup, torch.Tensor]] = []
         shampoo_flat: list[torch.Tensor] = []
         graft_flat: list[torch.Tensor] = []
         for idx, (f, gd, plan, st) in enumerate(
@@ -473,7 +477,7 @@ class Shampoo(torch.optim.Optimizer):
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, dirs)
             if group["nesterov"]:
-                dirs = torch._foreach_add(dirs, bufs, alpha=group["momentum"])
+                dirs = list(torch._foreach_add(dirs, bufs, alpha=group["momentum"]))
             else:
                 dirs = bufs
         if wd != 0 and group["weight_decay_type"] == "decoupled":

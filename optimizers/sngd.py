@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -238,6 +239,7 @@ class SNGDBlock(CurvatureBlock):
         if self.rank_warmup and self.kind != "diag" and seen < self.n and not self.ready:
             return True  # warm-up: plain gradient until the metric can have full rank
         damped = self.damped_metric(damping)
+        inv: Tensor | None
         if self.kind == "diag":
             if not bool(torch.isfinite(damped).all()) or bool((damped <= 0).any()):
                 return False
@@ -277,7 +279,7 @@ class SNGD(CurvatureOptimizer):
         init: str = "first_batch",
         damping_abs: float = 0.0,
         stat_decay: float = 0.995,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         for key, value, valid in (
             ("mode", mode, MODES),

@@ -83,7 +83,8 @@ def _eigenbasis(gg: torch.Tensor) -> torch.Tensor:
     except (RuntimeError, torch.linalg.LinAlgError):
         _, q = torch.linalg.eigh(gg.double())
         q = q.to(gg.dtype)
-    return q.flip(-1)
+    flipped: torch.Tensor = q.flip(-1)
+    return flipped
 
 
 def _refresh_basis(

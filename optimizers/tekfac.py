@@ -31,83 +31,40 @@ Defaults otherwise as K-FAC (``damping=1e-2``, ``kl_clip=1e-2``, stats every 10,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ._eigencorrect import EigenCorrectedOptimizer, EigenCorrection, StepFlags
+from ._eigencorrect import EigenCorrectedBlock, EigenCorrectedOptimizer, KroneckerEigen
 from ._layers import LayerHelper
-from ._linalg import safe_eigh
-from .base import CurvatureOptimizer, Schedule, curvature_factory
+from .base import check_choice, curvature_factory
 from .registry import OptimizerSpec, register
-from .tkfac import CONV_DAMPINGS, TRACE_FORMS, TKFACBlock, _check_choice
+from .tkfac import CONV_DAMPINGS, TRACE_FORMS, TKFACBlock
 
-__all__ = ["DAMPING_STYLES", "TEKFAC", "TEKFACBlock", "build_tekfac"]
+__all__ = ["DAMPING_STYLES", "TEKFAC", "TKFACDamping", "build_tekfac"]
 
 DAMPING_STYLES = ("tkfac", "eigen")
 
 
-class TEKFACBlock(EigenCorrection, TKFACBlock):
-    """TKFAC factors + eigenvalue-corrected scalings in the eigenbasis of ``Φ``, ``Ψ``.
+@dataclass(frozen=True)
+class TKFACDamping:
+    """TEKFAC's damping term ``D`` of a new basis (``damping_style``, module docstring), with
+    the layer's λ from its trace-restricted factors (``conv_damping``)."""
 
-    ``tensors`` adds ``dA``/``QA`` (eigen-pairs of ``Φ``; no ``QA`` for an embedding),
-    ``dG``/``QG`` (of ``Ψ``), ``s``, ``damp``, ``scale`` to TKFAC's statistics.
-    """
+    structure: TKFACBlock
+    style: str
 
-    def __init__(
-        self,
-        layer: LayerHelper,
-        *,
-        trace_form: str = "weighted",
-        conv_damping: str = "standard",
-        damping_style: str = "tkfac",
-        scalings: str = "exact",
-        scale_decay: float = 0.95,
-        projection_dtype: str = "auto",
-        flags: StepFlags | None = None,
-    ) -> None:
-        _check_choice("damping_style", damping_style, DAMPING_STYLES)
-        TKFACBlock.__init__(self, layer, trace_form=trace_form, conv_damping=conv_damping)
-        self.damping_style = damping_style
-        self.init_correction(
-            scalings=scalings,
-            scale_decay=scale_decay,
-            projection_dtype=projection_dtype,
-            flags=flags,
-        )
-
-    def refresh(self, damping: float) -> bool:
-        if "Phi" not in self.tensors:
-            return True
-        phi, psi, delta = self.factors()
-        ep = safe_eigh(psi)
-        if ep is None:
-            return False
-        d_psi, q_psi = ep
-        new = {"dG": d_psi, "QG": q_psi}
-        if self.diagonal:
-            d_phi = phi.clamp_min(0)
-        else:
-            ea = safe_eigh(phi)
-            if ea is None:
-                return False
-            d_phi, new["QA"] = ea
-        new["dA"] = d_phi
-        for k in ("dA", "QA", "dG", "QG"):
-            self.tensors.pop(k, None)
-        self.tensors.update(new)
-        lam = self.layer_damping(damping, delta)
-        damp: Tensor | float = lam
-        if self.damping_style == "tkfac":
-            cross = d_psi.unsqueeze(1) + d_phi.unsqueeze(0)
-            damp = math.sqrt(delta * lam) * cross + lam
-        self.reset_scalings(delta * torch.outer(d_psi, d_phi), damp)
-        self.ready = True
-        return True
+    def __call__(self, damping: float, eig: KroneckerEigen) -> Tensor | float:
+        lam = self.structure.layer_damping(damping, eig.coeff)
+        if self.style == "eigen":
+            return lam
+        cross = eig.d_g.unsqueeze(1) + eig.d_a.unsqueeze(0)
+        return math.sqrt(eig.coeff * lam) * cross + lam
 
 
-class TEKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
-    """TEKFAC (see the module docstring)."""
+class TEKFAC(EigenCorrectedOptimizer):
+    """TEKFAC (see the module docstring): eigenvalue-corrected TKFAC factors."""
 
     def __init__(
         self,
@@ -116,29 +73,19 @@ class TEKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
         trace_form: str = "weighted",
         conv_damping: str = "standard",
         damping_style: str = "tkfac",
-        scalings: str = "exact",
-        scale_every: Schedule | None = None,
-        scale_decay: float = 0.95,
-        projection_dtype: str = "auto",
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
-        _check_choice("trace_form", trace_form, TRACE_FORMS)
-        _check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
-        _check_choice("damping_style", damping_style, DAMPING_STYLES)
+        check_choice("trace_form", trace_form, TRACE_FORMS)
+        check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
+        check_choice("damping_style", damping_style, DAMPING_STYLES)
         self.trace_form = trace_form
         self.conv_damping = conv_damping
         self.damping_style = damping_style
-        self.init_scalings(scalings, scale_every, scale_decay, projection_dtype)
         super().__init__(model, **kwargs)
 
-    def make_block(self, layer: LayerHelper) -> TEKFACBlock:
-        return TEKFACBlock(
-            layer,
-            trace_form=self.trace_form,
-            conv_damping=self.conv_damping,
-            damping_style=self.damping_style,
-            **self.correction_options(),
-        )
+    def make_block(self, layer: LayerHelper) -> EigenCorrectedBlock:
+        factors = TKFACBlock(layer, trace_form=self.trace_form, conv_damping=self.conv_damping)
+        return self.corrected(factors, TKFACDamping(factors, self.damping_style))
 
 
 build_tekfac = curvature_factory(TEKFAC, "tekfac")

@@ -39,16 +39,16 @@ since the paper's hyper-parameters are unknown (§3.4).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._kronecker import _columns, bias_bordered
+from ._kronecker import bias_bordered
 from ._layers import LayerHelper
+from ._linalg import columns, safe_inv
 from ._linalg import gram as _gram
-from ._linalg import safe_inv
-from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
+from .base import CurvatureBlock, CurvatureOptimizer, check_choice, curvature_factory
 from .registry import OptimizerSpec, register
 
 __all__ = ["CONV_DAMPINGS", "TKFAC", "TKFACBlock", "TRACE_FORMS", "build_tkfac"]
@@ -57,14 +57,10 @@ TRACE_FORMS = ("weighted", "normalized")
 CONV_DAMPINGS = ("standard", "trace")
 
 
-def _check_choice(key: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"optimizer.{key} must be one of {', '.join(choices)}, got {value!r}")
-
-
 def _homog_gram(xt: Tensor, w: Tensor | None, *, has_bias: bool) -> Tensor:
     """``Σ_r w_r ā_r ā_rᵀ`` from columns ``xt`` (``k × R``, no bias row) and row weights ``w``
     (``None``: all ones); the bias row/column of ``ā = [x; 1]`` is built from weighted sums."""
+    total: Tensor | float
     if w is None:
         a0 = _gram(xt)
         s, total = xt.sum(1), float(xt.shape[1])
@@ -95,8 +91,8 @@ class TKFACBlock(CurvatureBlock):
         trace_form: str = "weighted",
         conv_damping: str = "standard",
     ) -> None:
-        _check_choice("trace_form", trace_form, TRACE_FORMS)
-        _check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
+        check_choice("trace_form", trace_form, TRACE_FORMS)
+        check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
         super().__init__(layer)
         self.trace_form = trace_form
         self.conv_damping = conv_damping
@@ -114,7 +110,7 @@ class TKFACBlock(CurvatureBlock):
             tr_a = torch.full_like(tr_g, float(T))  # one-hot inputs: ‖ā‖² = 1 per token
             xt = None
         else:
-            xt = _columns(a, sd)  # (k, N·T): a view of a conv's patch columns
+            xt = columns(a, sd)  # (k, N·T): a view of a conv's patch columns
             # per-example ‖ā_n‖² (exact per example; the batch sums below are in stat_dtype)
             tr_a = xt.reshape(-1, N, T).square().sum((0, 2)) + (
                 float(T) if self.layer.has_bias else 0.0
@@ -197,6 +193,7 @@ class TKFACBlock(CurvatureBlock):
         psi_inv = safe_inv(sd * psi + sl * _eye_like(psi))
         if psi_inv is None:
             return False
+        phi_inv: Tensor | None
         if self.diagonal:
             phi_inv = 1.0 / (sd * phi + sl)
         else:
@@ -227,10 +224,10 @@ class TKFAC(CurvatureOptimizer):
         *,
         trace_form: str = "weighted",
         conv_damping: str = "standard",
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
-        _check_choice("trace_form", trace_form, TRACE_FORMS)
-        _check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
+        check_choice("trace_form", trace_form, TRACE_FORMS)
+        check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
         self.trace_form = trace_form
         self.conv_damping = conv_damping
         super().__init__(model, **kwargs)

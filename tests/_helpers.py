@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -62,3 +64,32 @@ def checkpoint_round_trip(
     for p, q in zip(net.parameters(), net2.parameters(), strict=True):
         assert torch.equal(p, q)
     return net, opt, net2, opt2
+
+
+# --------------------------------------------------------------------------- multi-process
+def free_port() -> int:
+    """A free TCP port on localhost (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_entry(rank: int, fn: Callable[..., None], world: int, port: int, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn: Callable[..., None], *args: Any, world: int = 2) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` CPU processes joined in a gloo process group
+    (one thread each); ``fn`` must be a module-level function (it is pickled by name) and
+    returns its results through files.  A failing rank fails the call."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)

@@ -4,14 +4,11 @@ and 1/2 (MEM_OPT); the work assignment is the greedy n³ balance; MEM_OPT holds 
 
 from __future__ import annotations
 
-import os
-import socket
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import run_gloo
 from torch import nn
 
 from optimizers._distributed import assign_work, check_fraction
@@ -58,45 +55,36 @@ def _train(model, net, opt, xs, ys, rank=0, world=1):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        xs, ys = _data()
-        for frac in (1.0, 0.5):
-            model = _model()
-            opt = KFAC(model, grad_worker_fraction=frac, **KW)
-            net = nn.parallel.DistributedDataParallel(model)
-            params = _train(model, net, opt, xs, ys, rank, world)
-            # a checkpoint written by rank 0 after consolidation holds every decomposition
-            opt.consolidate_state_dict(to=0)
-            sd = opt.state_dict() if rank == 0 else None
-            full = sd is not None and all(
-                "QA" in b["tensors"] for b in sd["curvature"]["blocks"].values()
-            )
-            torch.save(
-                {
-                    "params": params,
-                    "mem": opt.memory_usage()["total"],
-                    "phases": opt.phase_times(),
-                    "inv_worker": dict(opt.work_assignment.inv_worker),
-                    "holds": sorted(n for n, b in opt.blocks.items() if "QA" in b.tensors),
-                    "full_checkpoint": full,
-                },
-                f"{out}/r{rank}_f{frac}.pt",
-            )
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out):
+    xs, ys = _data()
+    for frac in (1.0, 0.5):
+        model = _model()
+        opt = KFAC(model, grad_worker_fraction=frac, **KW)
+        net = nn.parallel.DistributedDataParallel(model)
+        params = _train(model, net, opt, xs, ys, rank, world)
+        # a checkpoint written by rank 0 after consolidation holds every decomposition
+        opt.consolidate_state_dict(to=0)
+        sd = opt.state_dict() if rank == 0 else None
+        full = sd is not None and all(
+            "QA" in b["tensors"] for b in sd["curvature"]["blocks"].values()
+        )
+        torch.save(
+            {
+                "params": params,
+                "mem": opt.memory_usage()["total"],
+                "phases": opt.phase_times(),
+                "inv_worker": dict(opt.work_assignment.inv_worker),
+                "holds": sorted(n for n, b in opt.blocks.items() if "QA" in b.tensors),
+                "full_checkpoint": full,
+            },
+            f"{out}/r{rank}_f{frac}.pt",
+        )
 
 
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("kaisa")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    run_gloo(_worker, str(out))
     return {
         (r, f): torch.load(out / f"r{r}_f{f}.pt", weights_only=False)
         for r in (0, 1)
@@ -165,3 +153,13 @@ def test_bad_fraction_names_key():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             KFAC(_model(), grad_worker_fraction=0.0)
+
+
+def test_one_process_works_alone_and_reports_no_communication():
+    """Without a process group the optimizer's comm is local: one rank refreshes and holds
+    every block, and no ``communication`` phase appears."""
+    _, opt = _reference()
+    assert set(opt.work_assignment.inv_worker.values()) == {0}
+    assert opt.work_assignment.holders("conv") == [0]
+    assert "communication" not in opt.phase_times()
+    assert all("QA" in b.tensors for b in opt.blocks.values())

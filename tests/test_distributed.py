@@ -4,24 +4,18 @@ global batch, for every registered optimizer (curvature statistics are averaged 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _helpers import free_port
 
 import optimizers
 from runners.records import read_json, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(tmp_path: Path, nproc: int, opt: str, root: str, *extra: str) -> Path:
@@ -50,7 +44,7 @@ def _run(tmp_path: Path, nproc: int, opt: str, root: str, *extra: str) -> Path:
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             "-m",
             "runners.train",
             *args,

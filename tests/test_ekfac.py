@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _helpers import checkpoint_round_trip, train_ce
+from _helpers import checkpoint_round_trip, run_gloo, train_ce
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -89,10 +89,10 @@ def kfe(block) -> torch.Tensor:
 @pytest.mark.parametrize("make", [mlp, conv_net])
 def test_exact_scalings_equal_diag_of_projected_dense_ef(monkeypatch, make, chunked):
     if chunked:  # statistics one example at a time (uneven chunks are the default's case)
+        from optimizers._kronecker import KroneckerBlock  # EKFAC's factor structure
         from optimizers._layers import Conv2dHelper
-        from optimizers.ekfac import EKFACBlock
 
-        monkeypatch.setattr(EKFACBlock, "ROW_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(KroneckerBlock, "ROW_CHUNK_ELEMENTS", 1)
         monkeypatch.setattr(Conv2dHelper, "GRAM_CHUNK_ELEMENTS", 1)
     model = make()
     x, y = data(model, 7)
@@ -118,7 +118,7 @@ def test_single_example_ekfac_equals_kfac_and_scalings_equal_kronecker_eigenvalu
     ek, kf = runs[EKFAC], runs[KFAC]
     for block in ek[0].blocks.values():
         assert block.meta["scale_updates"] == 2
-        torch.testing.assert_close(block.tensors["s"], block.kfac_eigenvalues())
+        torch.testing.assert_close(block.tensors["s"], block.kronecker_eigenvalues())
     for ge, gk in zip(ek[1][-1], kf[1][-1], strict=True):
         torch.testing.assert_close(ge, gk)
 
@@ -147,7 +147,7 @@ def test_exact_scalings_differ_from_kronecker_eigenvalues_for_several_examples()
     opt = EKFAC(model, lr=0.0, inv_every=100, **BASE)
     train_ce(model, opt, x, y, 2)
     for block in opt.blocks.values():
-        s, k = block.tensors["s"], block.kfac_eigenvalues()
+        s, k = block.tensors["s"], block.kronecker_eigenvalues()
         assert (s - k).norm() > 0.05 * k.norm()
 
 
@@ -161,7 +161,7 @@ def test_frobenius_error_not_larger_than_kfac(make):
     pe = per_example_matrices(model, x, y)
     for name, block in opt.blocks.items():
         Fd = dense_ef(pe[name])
-        A, G, T = block.factors()
+        A, G, T = block.structure.factors()
         Q = kfe(block)
         ek = Q @ torch.diag(block.tensors["s"].reshape(-1)) @ Q.T
         err_ek = (Fd - ek).norm()
@@ -255,7 +255,7 @@ def test_running_average_mode_uses_batch_gradient_times_n():
     for name, block in opt.blocks.items():
         QG, QA = block.tensors["QG"], block.tensors["QA"]
         # ra: s <- β·(K-FAC eigenvalues) + (1-β)·N·(Q_Gᵀ V Q_A)², β = scale_decay = 0.75
-        ref = 0.75 * block.kfac_eigenvalues() + 0.25 * 5 * (QG.T @ V[name] @ QA).square()
+        ref = 0.75 * block.kronecker_eigenvalues() + 0.25 * 5 * (QG.T @ V[name] @ QA).square()
         torch.testing.assert_close(block.tensors["s"], ref)
         P = QG @ ((QG.T @ V[name] @ QA) / (ref + 1e-2)) @ QA.T
         torch.testing.assert_close(opt.layers[name].grad_matrix(), P)
@@ -287,7 +287,7 @@ def test_scaling_average_after_a_reset(mode, expect):
     block = EKFAC(mlp(), scalings=mode, scale_decay=0.6, **BASE).blocks["0"]
     block.reset_scalings(torch.full((4, 4), 7.0, dtype=DT), 0.1)
     for v in (1.0, 2.0, 3.0):
-        block._update_scalings(torch.full((4, 4), v, dtype=DT))
+        block.update_scalings(torch.full((4, 4), v, dtype=DT))
     # exact, β_k = min(1 - 1/k, 0.6): k=1 replaces (1), k=2 mean (1.5), k=3 0.6·1.5 + 0.4·3
     # ra, β = 0.6 from the reset value 7: ((7·.6 + .4)·.6 + .8)·.6 + 1.2
     full = torch.full((4, 4), expect, dtype=DT)
@@ -398,37 +398,20 @@ def _ddp_train(name, frac=None, rank=0, world=1):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _ddp_worker(rank, world, port, out):
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = {
-            (name, frac): _ddp_train(name, frac, rank, world)
-            for name in ("ekfac", "tkfac", "tekfac")
-            for frac in (1.0, 0.5)
-        }
-        torch.save(res, f"{out}/r{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, out):
+    res = {
+        (name, frac): _ddp_train(name, frac, rank, world)
+        for name in ("ekfac", "tkfac", "tekfac")
+        for frac in (1.0, 0.5)
+    }
+    torch.save(res, f"{out}/r{rank}.pt")
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_for_the_eigencorrected_family(tmp_path):
     """Scalings are updated on every rank from all-reduced per-example sums; the basis and the
     reset scalings come from the inverse worker (grad_worker_fraction 1 and 1/2)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_gloo(_ddp_worker, str(tmp_path))
     got = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1)]
     torch.manual_seed(0)
     start = torch.cat([p.detach().reshape(-1) for p in conv_net().parameters()])

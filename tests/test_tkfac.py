@@ -227,7 +227,7 @@ def test_tekfac_single_example_equals_tkfac(form):
     for block in out[TEKFAC][0].blocks.values():
         assert block.meta["scale_updates"] == 2
         d_psi, d_phi = block.tensors["dG"], block.tensors["dA"]
-        _, _, delta = block.factors()
+        _, _, delta = block.structure.factors()
         torch.testing.assert_close(block.tensors["s"], delta * torch.outer(d_psi, d_phi))
     for a, b in zip(out[TEKFAC][1][-1], out[TKFAC][1][-1], strict=True):
         torch.testing.assert_close(a, b)
@@ -266,7 +266,7 @@ def test_tekfac_exact_scalings_equal_diag_of_projected_dense_ef(monkeypatch, chu
         Q = torch.kron(block.tensors["QG"], block.tensors["QA"])
         ref = torch.diagonal(Q.T @ dense_ef(pe[name]) @ Q).reshape(block.m, block.n)
         torch.testing.assert_close(block.tensors["s"], ref)
-        _, _, delta = block.factors()
+        _, _, delta = block.structure.factors()
         fresh = delta * torch.outer(block.tensors["dG"], block.tensors["dA"])
         assert (ref - fresh).norm() > 0.01 * ref.norm()  # N > 1: a real correction
 
