@@ -63,15 +63,17 @@ def test_killed_run_resumes_to_the_same_result(compose, tmp_path, monkeypatch):
     def dying_step(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 13:
-            raise KeyboardInterrupt("simulated kill")
+            raise RuntimeError("simulated crash")
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(_cfg(compose, *over), tmp_path / "run")
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    assert json.loads((tmp_path / "run" / "record.json").read_text())["status"] == "failed"
+    rec = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert rec["status"] == "failed" and rec["error"] == "RuntimeError: simulated crash"
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "checkpoint.prev.pt").exists()  # the generation before
 
     rec = loop.train(_cfg(compose, *over), tmp_path / "run")
     assert rec["status"] == "completed" and rec["resumed"]
