@@ -106,10 +106,10 @@ class Checkpointer:
             self._restore(ck, path)
             return True
         if problems:
-            files = " ".join(str(p) for p in found)
+            files, them = " ".join(str(p) for p in found), "them" if len(found) > 1 else "it"
             raise CheckpointError(
                 f"no readable checkpoint in {self.latest.parent}: {'; '.join(problems)}. "
-                f"Delete them to start this run over from step 0: rm {files}"
+                f"Delete {them} to start this run over from step 0: rm {files}"
             )
         return False
 
@@ -134,5 +134,6 @@ class Checkpointer:
 
 
 def _first(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else "no message"
+    """The first sentence of an error message (torch's run on for lines)."""
+    text = str(exc).strip() or "no message"
+    return text.splitlines()[0].split(". ")[0][:160]

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -69,7 +70,7 @@ def _flock_with_timeout(fd: int, seconds: int) -> bool:
         raise TimeoutError
 
     old = signal.signal(signal.SIGALRM, give_up)
-    signal.alarm(seconds)
+    pending, start = signal.alarm(seconds), time.monotonic()  # someone else's alarm: re-armed
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return True
@@ -78,6 +79,8 @@ def _flock_with_timeout(fd: int, seconds: int) -> bool:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+        if pending:
+            signal.alarm(max(1, pending - int(time.monotonic() - start)))
 
 
 class RunLock:

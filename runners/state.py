@@ -134,7 +134,7 @@ class RunRecord:
         self.cfg, self.run_dir, self.env, self.state = cfg, Path(run_dir), env, state
         self.logger: Any = None  # the W&B mirror (rank 0, logger=wandb)
         self.finished = False
-        self._task: Any = None
+        self._steps_per_epoch: int | None = None  # known once the task's data is loaded
         self.cfg_hash = records.config_hash(resolved)
         opt = str(cfg.optimizer.name)
         self.data: dict[str, Any] = {
@@ -199,7 +199,7 @@ class RunRecord:
             target=task.target.as_dict(),
             resumed=resumed,
         )
-        self._task = task
+        self._steps_per_epoch = task.steps_per_epoch(self.data["batch_size"])  # loads the data
         if self.env.is_main:
             path = self.run_dir / records.METRICS
             keep = [r for r in records.read_metrics(path) if r["step"] <= self.state.step]
@@ -222,8 +222,7 @@ class RunRecord:
             self.logger.finish(self.data, exit_code=exit_code)
 
     def _sync_from_state(self) -> None:
-        st, task = self.state, self._task
-        spe = None if task is None else task.steps_per_epoch(self.data["batch_size"])
+        st, spe = self.state, self._steps_per_epoch
         self.data.update(
             steps_done=st.step,
             epochs_done=None if spe is None else st.epochs(spe),
