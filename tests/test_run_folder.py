@@ -67,7 +67,7 @@ def _modes(run: Path, *names: str) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_second_launch_refused_then_ctrl_c_checkpoints_and_resumes(ngbench, tmp_path):
-    args = ("train", "debug=smoke", "train.steps=1500", "train.eval_every=10")
+    args = ("train", "debug=smoke", "train.steps=600", "train.eval_every=10")
     args += ("train.checkpoint_every=0",)  # Ctrl-C alone writes the checkpoint
     with _umask(0o022):
         first = _launch(tmp_path, *args)
@@ -88,16 +88,16 @@ def test_second_launch_refused_then_ctrl_c_checkpoints_and_resumes(ngbench, tmp_
         (line,) = err.strip().splitlines()
         assert line.startswith("interrupted: autoencoder/sgd seed 0 at step ")
         rec = read_json(run / "record.json")
-        assert rec["status"] == "interrupted" and 10 <= rec["steps_done"] < 1500, rec
+        assert rec["status"] == "interrupted" and 10 <= rec["steps_done"] < 600, rec
         names = ("config.yaml", "record.json", "metrics.jsonl", "checkpoint.pt")
         assert _modes(run, *names) == dict.fromkeys(names, 0o644)
         # the same command resumes and says so
         third = ngbench(*args)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert f"resuming from step {rec['steps_done']} of 1500" in third.stderr
+    assert f"resuming from step {rec['steps_done']} of 600" in third.stderr
     rec = read_json(run / "record.json")
-    assert rec["status"] == "completed" and rec["resumed"] and rec["steps_done"] == 1500
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(10, 1501, 10))
+    assert rec["status"] == "completed" and rec["resumed"] and rec["steps_done"] == 600
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(10, 601, 10))
     assert not (run / "run.lock").exists() and not (run / "checkpoint.pt").exists()
 
 
