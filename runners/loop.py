@@ -345,9 +345,8 @@ def train(cfg: DictConfig, run_dir: Path, *, preset: str | None = None) -> dict[
         if resumed := ckpt.resume(device):
             _say(env, f"resuming from step {state.step} of {steps} ({run_dir})")
         record.describe(task=run.task, optimizer=run.spec.name, resumed=resumed)
-        if env.is_main:
-            record.logger = make_logger(cfg, run_dir, resume_id=state.wandb_id)
-            state.wandb_id = record.logger.run_id if record.logger else None
+        if env.is_main and (logger := make_logger(cfg, run_dir, resume_id=state.wandb_id)):
+            record.logger, state.wandb_id = logger, logger.run_id
         batches = batches_from(
             run.task, state, batch_size=batch_size, seed=int(cfg.seed), env=env, device=device
         )
