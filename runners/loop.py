@@ -181,7 +181,10 @@ class Parts:
     caps: Capabilities
 
 
-def build(cfg: DictConfig, opt_cfg: dict[str, Any], env: Any, device: torch.device) -> Parts:
+def build(
+    cfg: DictConfig, opt_cfg: dict[str, Any], env: distributed.DistEnv, device: torch.device
+) -> Parts:
+    """Task, model, optimizer and schedule from the config (seeded before: same on every rank)."""
     task = build_task(cfg.task)
     model = task.build_model().to(device)
     net = distributed.wrap_model(model, env, device)
@@ -198,7 +201,13 @@ def build(cfg: DictConfig, opt_cfg: dict[str, Any], env: Any, device: torch.devi
 
 
 def batches_from(
-    task: Any, state: RunState, *, batch_size: int, seed: int, env: Any, device: torch.device
+    task: Any,
+    state: RunState,
+    *,
+    batch_size: int,
+    seed: int,
+    env: distributed.DistEnv,
+    device: torch.device,
 ) -> Iterator[Any]:
     """Training batches from where ``state`` stands, epoch after epoch (a resumed run skips
     what it consumed before its checkpoint); ``state.epoch``/``batch_in_epoch`` follow along."""
@@ -258,7 +267,8 @@ def stop_reason(
     max_time_s: float | None,
     stop_at_target: bool,
 ) -> Stop | None:
-    """Why the run ends after this step, or None to go on."""
+    """Why the run ends after this step, or None to go on. Divergence first; a run that has
+    just taken its last step is completed even if a signal came during that step."""
     if not math.isfinite(loss):
         return Stop("diverged", f"non-finite training loss {loss} at step {state.step}")
     if row and any(isinstance(v, float) and not math.isfinite(v) for v in row.values()):
