@@ -148,6 +148,22 @@ class RunLock:
         self._fd = None
 
 
+def live_holder(run_dir: Path) -> Holder | None:
+    """The process that owns ``run_dir`` now, or None (no lock, or one left by a dead process):
+    tells a live ``running`` record from one whose process died. Takes nothing."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # held: read who holds it
+        return _read_holder(fd) or Holder("?", 0, None, "?")
+    finally:
+        os.close(fd)  # also drops our shared lock, if we got it
+    return None
+
+
 @contextmanager
 def hold(
     run_dir: Path,

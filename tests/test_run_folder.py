@@ -221,3 +221,17 @@ def test_atomic_writes_follow_the_umask(tmp_path):
             atomic_write_text(tmp_path / f"a{mask}", "x")
             write_metrics(tmp_path / f"m{mask}", [{"step": 1}])
         assert _modes(tmp_path, f"a{mask}", f"m{mask}") == {f"a{mask}": mode, f"m{mask}": mode}
+
+
+def test_live_holder_tells_a_live_run_from_a_dead_one(tmp_path):
+    from runners.lock import live_holder
+
+    assert live_holder(tmp_path) is None
+    lock = RunLock(tmp_path, slurm_job="5")
+    lock.acquire()
+    held = live_holder(tmp_path)
+    assert held is not None and held.pid == os.getpid() and held.slurm_job == "5"
+    assert lock._fd is not None
+    os.close(lock._fd)  # the holder dies without cleaning up: the kernel drops its flock
+    lock._fd = None
+    assert (tmp_path / "run.lock").exists() and live_holder(tmp_path) is None
