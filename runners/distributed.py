@@ -119,3 +119,11 @@ def any_true(flag: bool, env: DistEnv) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def slurm_job_label() -> str | None:
+    """This SLURM job's own id (``<array job>_<task>`` for an array task); a requeue keeps it."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None

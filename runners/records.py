@@ -13,10 +13,10 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -24,24 +24,66 @@ RECORD = "record.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint.pt"
-STATUSES = ("running", "completed", "diverged", "failed", "preempted")
+CHECKPOINT_PREV = "checkpoint.prev.pt"  # the generation before CHECKPOINT (a torn one falls back)
+LOCK = "run.lock"  # flock'ed by the one process that owns the folder; names its holder
+STATUSES = ("running", "completed", "diverged", "failed", "preempted", "interrupted")
 TERMINAL = ("completed", "diverged")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+def file_mode() -> int:
+    """Mode of a new file under this process's umask (0644 under the usual 022)."""
+    try:  # Linux >= 4.7 shows the umask without changing it (os.umask would, for all threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(
+    path: Path, write: Callable[[IO[bytes]], None], *, keep_previous: Path | None = None
+) -> None:
+    """Write ``path`` through ``write(file)`` so that readers see the old or the new file, never
+    half; the mode follows the umask. With ``keep_previous``, the old file moves there first."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            os.fchmod(f.fileno(), file_mode())  # mkstemp makes 0600
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames durable (a crash right after a write keeps the new name)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -56,7 +56,9 @@ def fail(msg: str) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     from . import distributed
+    from .checkpoint import CheckpointError
     from .config_check import check_config
+    from .lock import RunLocked
     from .loop import RunAlreadyDone, RunConflict, train
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -72,9 +74,18 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     except RunAlreadyDone as exc:
         print(f"ngbench: {exc}", file=sys.stderr)
         return None
-    except RunConflict as exc:
+    except RunLocked as exc:
+        if multirun:  # a restarted sweep goes on with the cells nobody holds
+            log.error("%s (skipped; the sweep goes on)", exc)
+            return None
         fail(str(exc))
         return None
+    except (RunConflict, CheckpointError) as exc:
+        fail(str(exc))
+        return None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during set-up: recorded, no traceback
+        print(f"ngbench: aborted; its last checkpoint is kept -> {run_dir}", file=sys.stderr)
+        sys.exit(130)
     except user_errors() as exc:
         fail(str(exc))
         return None
@@ -88,19 +99,30 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             )
             return None
         raise
+    if distributed.current_rank() == 0:
+        print(summary(record, run_dir), file=sys.stderr)
+    if record["status"] == "interrupted":
+        sys.exit(130)  # Ctrl-C ends a sweep too
+    if record["status"] == "preempted" and not multirun:
+        sys.exit(3)
+    return objective(cfg, record)
+
+
+def summary(record: dict[str, Any], run_dir: Path) -> str:
+    """The one line a run ends with."""
+    head = f"{record['status']}: {record['task']}/{record['optimizer']} seed {record['seed']}"
+    if record["status"] in ("interrupted", "preempted"):
+        return (
+            f"{head} at step {record['steps_done']} of {record['steps']}; checkpoint saved, "
+            f"the same command resumes it -> {run_dir}"
+        )
     reached = record["steps_to_target"]
-    summary = (
-        f"{record['status']}: {record['task']}/{record['optimizer']} seed {record['seed']} "
-        f"steps {record['steps_done']} train_time {record['train_time_s']:.1f}s "
+    return (
+        f"{head} steps {record['steps_done']} train_time {record['train_time_s']:.1f}s "
         f"target({record['target']['metric']}) "
         + (f"reached at step {reached}" if reached else "not reached")
         + f" -> {run_dir}"
     )
-    if distributed.current_rank() == 0:
-        print(summary, file=sys.stderr)
-    if record["status"] == "preempted" and not multirun:
-        sys.exit(3)
-    return objective(cfg, record)
 
 
 def objective(cfg: DictConfig, record: dict[str, Any]) -> float:

@@ -63,15 +63,17 @@ def test_killed_run_resumes_to_the_same_result(compose, tmp_path, monkeypatch):
     def dying_step(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 13:
-            raise KeyboardInterrupt("simulated kill")
+            raise RuntimeError("simulated crash")
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(_cfg(compose, *over), tmp_path / "run")
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    assert json.loads((tmp_path / "run" / "record.json").read_text())["status"] == "failed"
+    rec = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert rec["status"] == "failed" and rec["error"] == "RuntimeError: simulated crash"
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "checkpoint.prev.pt").exists()  # the generation before
 
     rec = loop.train(_cfg(compose, *over), tmp_path / "run")
     assert rec["status"] == "completed" and rec["resumed"]
@@ -153,3 +155,44 @@ def test_run_folder_listing_ignores_hydra_and_wandb(tmp_path: Path):
     (run / ".hydra" / "config.yaml").write_text("x: 1\n")
     (run / "config.yaml").write_text("x: 1\n")
     assert records.find_run_folders(tmp_path) == [run]
+
+
+def test_failure_during_set_up_is_recorded_with_the_reason(compose, tmp_path, monkeypatch):
+    why = "wandb: no API key; run `wandb login` or set logger.mode=offline"
+
+    def no_login(*a, **k):
+        raise RuntimeError(why)
+
+    monkeypatch.setattr(loop, "make_logger", no_login)
+    with pytest.raises(RuntimeError, match="no API key"):
+        loop.train(_cfg(compose, "train.steps=4"), tmp_path / "run")
+    rec = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert rec["status"] == "failed" and rec["finished"]
+    assert (
+        rec["error"]
+        == "RuntimeError: wandb: no API key; run `wandb login` or set logger.mode=offline"
+    )
+    assert not (tmp_path / "run" / "run.lock").exists()  # the folder is free again
+
+
+def test_second_ctrl_c_aborts_at_once_and_is_recorded(compose, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real_step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop would stop after this step...
+            os.kill(os.getpid(), signal.SIGINT)  # ...but a second Ctrl-C aborts inside it
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_cfg(compose, "train.steps=20", "train.checkpoint_every=0"), tmp_path / "run")
+    rec = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert rec["status"] == "interrupted" and rec["error"].startswith("aborted by Ctrl-C at step 2")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # aborted: no new checkpoint
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
