@@ -56,6 +56,7 @@ DONE = ("completed", "diverged")
 # overrides of every leaderboard run that do not change its result (not part of a cell's key)
 NEUTRAL_PREFIXES = ("train.threads=", "train.progress=", "runs_root=", "train.eval_every=")
 PHASES = ("tune", "calibrate", "rerun", "defaults", "report")
+STARTUP_S = 5.0  # seconds one `ngbench train -m` process takes to start (2-core machine)
 
 
 @dataclass(frozen=True)
@@ -484,6 +485,56 @@ class Driver:
         rows = self.trial_table()
         return leaderboard_report.write(rows, self.s.out, manifest=self.manifest(), log=self.log)
 
+    def plan(self) -> dict[str, tuple[int, int]]:
+        """Runs and processes still to do per phase, and the expected wall time: the mean wall
+        time of the finished runs of each workload (record ``started``..``finished``) times
+        its pending runs, plus a process start-up each, divided by the jobs. Phases after an
+        unfinished one are counted at their most (every seed of every cell new but seed 0)."""
+        self.index = index_runs(self.s.runs_root)
+        s, n_w, n_o = self.s, len(self.s.workloads), len(self.s.optimizers)
+        walls: dict[str, list[float]] = {}
+        for key, folder in self.index.items():
+            wall = _wall_s(folder)
+            for wl, w in s.workloads.items():
+                if wall is not None and set(w.overrides) <= key:
+                    walls.setdefault(wl, []).append(wall)
+
+        def pending(cells: list[Cell]) -> tuple[int, int, dict[str, int]]:
+            per: dict[str, int] = {}
+            procs = 0
+            for c in cells:
+                n = sum(c.key(sd) not in self.index for sd in c.seeds)
+                procs += n > 0
+                per[c.workload] = per.get(c.workload, 0) + n
+            return sum(per.values()), procs, per
+
+        out: dict[str, tuple[int, int]] = {}
+        per_w: dict[str, int] = {}
+        tune = pending(self.all_tune_cells())
+        cal = pending(list(self.calibration_cells().values())) if tune[0] == 0 else (
+            n_w * (s.seeds - 1), n_w, {w: s.seeds - 1 for w in s.workloads})
+        calibrated = all(self.target(w) for w in s.workloads)
+        rer = pending(self.best_trials()) if calibrated and cal[0] == 0 else (
+            n_w * n_o * (s.seeds - 1), n_w * n_o, {w: n_o * (s.seeds - 1) for w in s.workloads})
+        dflt = pending(self.defaults_cells())
+        total_s = 0.0
+        for name, (runs, procs, per) in zip(("tune", "calibrate", "rerun", "defaults"),
+                                            (tune, cal, rer, dflt), strict=True):
+            out[name] = (runs, procs)
+            for w, n in per.items():
+                per_w[w] = per_w.get(w, 0) + n
+            total_s += procs * STARTUP_S
+            self.log(f"{name:<9} {runs:>5} runs to do in {procs:>4} processes")
+        unknown = []
+        for w, n in per_w.items():
+            if walls.get(w):
+                total_s += n * sum(walls[w]) / len(walls[w])
+            elif n:
+                unknown.append(w)
+        self.log(f"expected wall time with {s.jobs} jobs: {total_s / s.jobs / 3600:.2f} h"
+                 + (f" + the runs of {unknown} (no finished run to time yet)" if unknown else ""))
+        return out
+
     def manifest(self) -> dict[str, Any]:
         return {
             "command": self.s.command,
@@ -504,6 +555,17 @@ class Driver:
             "targets": read_targets(self.s.targets_file),
             "search_spaces": {o: search_space.load(o).as_dict() for o in self.s.optimizers},
         }
+
+
+def _wall_s(folder: Path) -> float | None:
+    from datetime import datetime
+
+    try:
+        rec = records.read_json(folder / records.RECORD)
+        a, b = datetime.fromisoformat(rec["started"]), datetime.fromisoformat(rec["finished"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (b - a).total_seconds()
 
 
 def _more_versions() -> dict[str, str | None]:
@@ -532,7 +594,8 @@ def parse(argv: list[str] | None = None) -> tuple[list[str], Settings]:
         "and write the leaderboard. Resumable: finished runs are never run again.",
     )
     ap.add_argument("phases", nargs="*", metavar="PHASE",
-                    help=f"phases to run, in this order: {', '.join(PHASES)} (default: all)")
+                    help=f"phases to run, in this order: {', '.join(PHASES)} (default: all); "
+                    "`plan` counts the runs left and the expected wall time")
     ap.add_argument("--workloads", help="comma list (default: every one in workloads.yaml)")
     ap.add_argument("--optimizers", help="comma list (default: every registered optimizer)")
     ap.add_argument("--trials", type=int, default=8, help="trials per optimizer per workload")
@@ -552,7 +615,7 @@ def parse(argv: list[str] | None = None) -> tuple[list[str], Settings]:
     ap.add_argument("--smoke", action="store_true",
                     help="CI size: autoencoder, adamw+kfac, 2 trials, 2 seeds, 12 steps")
     a = ap.parse_args(argv)
-    bad = [p for p in a.phases if p not in (*PHASES, "all")]
+    bad = [p for p in a.phases if p not in (*PHASES, "all", "plan")]
     if bad:
         ap.error(f"unknown phase(s) {bad}; valid choices: {', '.join(PHASES)}, all")
     workloads = load_workloads()
@@ -586,7 +649,7 @@ def parse(argv: list[str] | None = None) -> tuple[list[str], Settings]:
         git_commit=a.git_commit,
     )
     everything = not a.phases or "all" in a.phases
-    phases = list(PHASES) if everything else [p for p in PHASES if p in a.phases]
+    phases = list(PHASES) if everything else [p for p in (*PHASES, "plan") if p in a.phases]
     return phases, s
 
 
