@@ -129,7 +129,24 @@ class Settings:
 
 
 # -- cells ------------------------------------------------------------------------
-def base_overrides(s: Settings, w: Workload, optimizer: str) -> list[str]:
+def untuned_overrides(w: Workload, optimizer: str, searched: Iterable[str]) -> list[str]:
+    """Overrides that undo ``configs/tuned/<task>_<optimizer>.yaml`` (applied whenever that pair
+    meets, and not removable with ``tuned=null``): every optimizer key it sets goes back to the
+    preset's value, so a knob outside the declared space is at its default on every workload."""
+    task = next((o.split("=", 1)[1] for o in w.overrides if o.startswith("task=")), None)
+    tuned = REPO / "configs" / "tuned" / f"{task}_{optimizer}.yaml"
+    if task is None or not tuned.exists():
+        return []
+    preset = yaml.safe_load((REPO / "configs" / "optimizer" / f"{optimizer}.yaml").read_text())
+    keys = (yaml.safe_load(tuned.read_text()) or {}).get("optimizer", {}) or {}
+    return [f"optimizer.{k}={fmt_value(preset.get(k))}" for k in keys if k not in set(searched)]
+
+
+def base_overrides(
+    s: Settings, w: Workload, optimizer: str, searched: Iterable[str] = ()
+) -> list[str]:
+    """Overrides of every run of ``optimizer`` on ``w`` except the searched knobs ``searched``:
+    the workload, the step budget, the pinned numerics, and the optimizer's defaults."""
     ss = search_space.load(optimizer)
     steps = s.steps or w.steps
     return [
@@ -138,6 +155,7 @@ def base_overrides(s: Settings, w: Workload, optimizer: str) -> list[str]:
         f"train.steps={steps}",
         *s.extra,
         *(f"optimizer.{k}={fmt_value(v)}" for k, v in ss.fixed.items()),
+        *untuned_overrides(w, optimizer, [*searched, *ss.fixed]),
     ]
 
 
@@ -163,12 +181,13 @@ def tune_cells(
 ) -> list[Cell]:
     """The tuning trials of one optimizer on one workload (seed 0). ``batch_size`` fixes the
     batch (the outer loop of a batch-size study) instead of the workload's default."""
-    base = base_overrides(s, w, optimizer)
+    points = trial_points(s, w, optimizer)
+    base = base_overrides(s, w, optimizer, points[0])
     if batch_size is not None:
         base.append(f"train.batch_size={batch_size}")
     return [
         Cell("tune", w.name, optimizer, f"t{i}", (*base, *knob_overrides(k)), (0,), k)
-        for i, k in enumerate(trial_points(s, w, optimizer))
+        for i, k in enumerate(points)
     ]
 
 
