@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -108,6 +109,12 @@ class Cell:
     def key(self, seed: int) -> frozenset[str]:
         return frozenset((*self.overrides, f"seed={seed}"))
 
+    @property
+    def trial_config(self) -> str | None:
+        """Name of the generated trial config this cell selects (None: defaults)."""
+        pre = f"+{TRIAL_GROUP}="
+        return next((o[len(pre):] for o in self.overrides if o.startswith(pre)), None)
+
 
 @dataclass
 class Settings:
@@ -169,6 +176,39 @@ def trial_points(s: Settings, w: Workload, optimizer: str) -> list[dict[str, Any
     return ss.sample(s.trials, seed=s.qmc_seed)
 
 
+TRIAL_GROUP = "lb_trial"  # generated config group: one file per trial, see write_trial_configs
+
+
+def trial_name(optimizer: str, i: int, knobs: dict[str, Any]) -> str:
+    """``<optimizer>_t<i>_<hash of the values>``: the folder component of a trial's runs; the
+    hash makes a changed search space give new folders, never a clash with old runs."""
+    blob = json.dumps(knobs, sort_keys=True, default=str).encode()
+    return f"{optimizer}_t{i}_{hashlib.sha1(blob).hexdigest()[:6]}"
+
+
+def trial_config_text(knobs: dict[str, Any]) -> str:
+    opt = {k: v for k, v in knobs.items() if k != "batch_size"}
+    body: dict[str, Any] = {"optimizer": opt}
+    if "batch_size" in knobs:
+        body["train"] = {"batch_size": knobs["batch_size"]}
+    return "# @package _global_\n" + yaml.safe_dump(body, sort_keys=False)
+
+
+def write_trial_configs(s: Settings, cells: Iterable[Cell]) -> Path:
+    """One ``<runs_root>/_trial_configs/lb_trial/<trial>.yaml`` per trial (on Hydra's search
+    path), so that the trials of one optimizer run as one ``-m +lb_trial=a,b,...`` sweep: Hydra
+    sweeps are cartesian products, and a trial changes several knobs together."""
+    root = s.runs_root / "_trial_configs"
+    for c in cells:
+        name = c.trial_config
+        if name:
+            path = root / TRIAL_GROUP / f"{name}.yaml"
+            text = trial_config_text(c.knobs)
+            if not path.exists() or path.read_text() != text:
+                records.atomic_write_text(path, text)
+    return root
+
+
 def knob_overrides(knobs: dict[str, Any]) -> list[str]:
     return [
         f"train.batch_size={v}" if k == "batch_size" else f"optimizer.{k}={fmt_value(v)}"
@@ -186,7 +226,8 @@ def tune_cells(
     if batch_size is not None:
         base.append(f"train.batch_size={batch_size}")
     return [
-        Cell("tune", w.name, optimizer, f"t{i}", (*base, *knob_overrides(k)), (0,), k)
+        Cell("tune", w.name, optimizer, f"t{i}",
+             (*base, f"+{TRIAL_GROUP}={trial_name(optimizer, i, k)}"), (0,), k)
         for i, k in enumerate(points)
     ]
 
@@ -224,42 +265,50 @@ def index_runs(runs_root: Path) -> dict[frozenset[str], Path]:
 
 
 def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[frozenset[str], Path]:
-    """Run the seeds of ``cells`` that have no finished folder yet, ``s.jobs`` processes at a
-    time; return the index of finished runs afterwards."""
+    """Run the seeds of ``cells`` that have no finished folder yet and return the index of
+    finished runs afterwards. Cells that differ only in their trial share one ``ngbench train
+    -m`` process (one start-up for all the trials of an optimizer); ``s.jobs`` processes run at
+    a time, each with one torch thread."""
     index = index_runs(s.runs_root)
-    todo = []
+    groups: dict[tuple[Any, ...], list[Cell]] = {}
     for c in cells:
-        seeds = [sd for sd in c.seeds if c.key(sd) not in index]
+        seeds = tuple(sd for sd in c.seeds if c.key(sd) not in index)
         if seeds:
-            todo.append((c, seeds))
-    log(f"[{cells[0].phase if cells else '-'}] {len(cells)} cells, {len(todo)} to run "
-        f"({sum(len(x) for _, x in todo)} runs, {s.jobs} jobs)")
+            rest = tuple(o for o in c.overrides if not o.startswith(f"+{TRIAL_GROUP}="))
+            groups.setdefault((c.phase, c.workload, c.optimizer, rest, seeds), []).append(c)
+    n_runs = sum(len(k[-1]) * len(v) for k, v in groups.items())
+    log(f"[{cells[0].phase if cells else '-'}] {len(cells)} cells: {n_runs} runs to do in "
+        f"{len(groups)} processes ({s.jobs} jobs)")
+    trial_root = write_trial_configs(s, cells)
     logs = s.runs_root / "_logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "NGBENCH_JOBS": str(s.jobs), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
 
-    def launch(item: tuple[Cell, list[int]]) -> tuple[Cell, int, float]:
-        c, seeds = item
+    def launch(item: tuple[tuple[Any, ...], list[Cell]]) -> tuple[str, int, float]:
+        (phase, workload, optimizer, rest, seeds), group = item
+        trials = [c.trial_config for c in group if c.trial_config]
         cmd = [
-            sys.executable, "-m", "runners.cli", "train", "-m", *c.overrides,
+            sys.executable, "-m", "runners.cli", "train", "-m", *rest,
+            *([f"+{TRIAL_GROUP}={','.join(trials)}"] if trials else []),
             f"seed={','.join(map(str, seeds))}",
-            f"train.eval_every={s.eval_every or s.workloads[c.workload].eval_every}",
+            f"train.eval_every={s.eval_every or s.workloads[workload].eval_every}",
             "train.threads=1", "train.progress=false", f"runs_root={s.runs_root}",
+            f"hydra.searchpath=[file://{trial_root}]",
             "hydra/job_logging=none", "hydra/hydra_logging=none",
         ]
         tag = hashlib.sha1(" ".join(cmd).encode()).hexdigest()[:10]
         t0 = time.perf_counter()
-        with open(logs / f"{c.phase}_{c.workload}_{c.optimizer}_{c.trial}_{tag}.log", "w") as f:
+        with open(logs / f"{phase}_{workload}_{optimizer}_{tag}.log", "w") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-        rc = proc.returncode
-        return c, rc, time.perf_counter() - t0
+        what = f"{workload}/{optimizer}: {len(group)} x {len(seeds)} runs"
+        return what, proc.returncode, time.perf_counter() - t0
 
     with ThreadPoolExecutor(max_workers=s.jobs) as pool:
-        for c, rc, dt in pool.map(launch, todo):
-            log(f"  {c.workload}/{c.optimizer}/{c.trial}: rc={rc} {dt:.1f}s")
+        for what, rc, dt in pool.map(launch, groups.items()):
+            log(f"  {what} rc={rc} {dt:.1f}s")
     index = index_runs(s.runs_root)
     archive(s, index)
     return index
@@ -543,7 +592,7 @@ class Driver:
             for w, n in per.items():
                 per_w[w] = per_w.get(w, 0) + n
             total_s += procs * STARTUP_S
-            self.log(f"{name:<9} {runs:>5} runs to do in {procs:>4} processes")
+            self.log(f"{name:<9} {runs:>5} runs to do in at most {procs:>4} processes")
         unknown = []
         for w, n in per_w.items():
             if walls.get(w):

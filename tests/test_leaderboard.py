@@ -159,21 +159,23 @@ def test_smoke_leaderboard_end_to_end_and_resume(tmp_path):
     # resume: everything is in the run cache, nothing runs again
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count(" 0 to run (0 runs") == 4, again.stdout
+    assert again.stdout.count(": 0 runs to do in 0 processes") == 4, again.stdout
     assert pd.read_csv(out / "trials.csv")["final"].equals(trials["final"])
 
 
 @pytest.mark.parametrize("name", ["mbf", "ngplus", "adamw"])
-def test_tuned_files_do_not_leak_into_trials_or_defaults(compose, name):
+def test_tuned_files_do_not_leak_into_trials_or_defaults(compose, tmp_path, name):
     """configs/tuned/autoencoder_<opt>.yaml is applied whenever the pair meets; the comparison
-    puts every knob outside the declared space back to the preset's default."""
+    puts every knob outside the declared space back to the preset's default, and a trial's
+    generated config sets the searched ones."""
     w = lb.load_workloads()["autoencoder"]
-    s = lb.Settings(workloads={"autoencoder": w}, optimizers=[name], trials=2)
+    s = lb.Settings(workloads={"autoencoder": w}, optimizers=[name], trials=2, runs_root=tmp_path)
     preset = yaml.safe_load((REPO / "configs" / "optimizer" / f"{name}.yaml").read_text())
     tuned = yaml.safe_load((REPO / "configs" / "tuned" / f"autoencoder_{name}.yaml").read_text())
     trial = lb.tune_cells(s, w, name)[0]
+    path = f"hydra.searchpath=[file://{lb.write_trial_configs(s, [trial])}]"
     for cell, searched in ((lb.default_cell(s, w, name), {}), (trial, trial.knobs)):
-        opt = compose(*cell.overrides).optimizer
-        for key in tuned["optimizer"]:
+        opt = compose(*cell.overrides, path).optimizer
+        for key in {*tuned["optimizer"], *searched}:
             want = searched.get(key, preset[key])
             assert opt[key] == want, (cell.trial, key, opt[key], want)
