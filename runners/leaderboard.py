@@ -125,6 +125,7 @@ class Settings:
     jobs: int = 2
     qmc_seed: int = 0
     search_batch_size: bool = False
+    batch_size: int | None = None  # fixes train.batch_size in every run (a batch-size study)
     steps: int | None = None  # overrides every workload's budget (smoke)
     eval_every: int | None = None
     extra: tuple[str, ...] = ()  # extra overrides of every run (smoke: a small batch)
@@ -160,6 +161,7 @@ def base_overrides(
         *w.overrides,
         f"optimizer={optimizer}",
         f"train.steps={steps}",
+        *([f"train.batch_size={s.batch_size}"] if s.batch_size is not None else []),
         *s.extra,
         *(f"optimizer.{k}={fmt_value(v)}" for k, v in ss.fixed.items()),
         *untuned_overrides(w, optimizer, [*searched, *ss.fixed]),
@@ -216,15 +218,11 @@ def knob_overrides(knobs: dict[str, Any]) -> list[str]:
     ]
 
 
-def tune_cells(
-    s: Settings, w: Workload, optimizer: str, *, batch_size: int | None = None
-) -> list[Cell]:
-    """The tuning trials of one optimizer on one workload (seed 0). ``batch_size`` fixes the
-    batch (the outer loop of a batch-size study) instead of the workload's default."""
+def tune_cells(s: Settings, w: Workload, optimizer: str) -> list[Cell]:
+    """The tuning trials of one optimizer on one workload (seed 0). A batch-size study sets
+    ``s.batch_size`` (and ``s.steps``) per outer iteration and reuses every phase as it is."""
     points = trial_points(s, w, optimizer)
     base = base_overrides(s, w, optimizer, points[0])
-    if batch_size is not None:
-        base.append(f"train.batch_size={batch_size}")
     return [
         Cell("tune", w.name, optimizer, f"t{i}",
              (*base, f"+{TRIAL_GROUP}={trial_name(optimizer, i, k)}"), (0,), k)
@@ -387,8 +385,8 @@ def rank_key(row: dict[str, Any], mode: str) -> tuple[int, float]:
     """Sort key of a trial: reached first (by time), then the rest by final metric."""
     if row["time_to_target_s"] is not None:
         return (0, float(row["time_to_target_s"]))
-    f = row["final"] if row["final"] is not None else row["best"]
-    if f is None:
+    f = row["final"]
+    if f is None:  # diverged or failed: behind every run that finished
         return (2, 0.0)
     return (1, float(f) if mode == "min" else -float(f))
 
@@ -614,6 +612,7 @@ class Driver:
             "seeds": self.s.seeds,
             "sampler": f"scipy.stats.qmc.Sobol(scramble=True, rng={self.s.qmc_seed})",
             "search_batch_size": self.s.search_batch_size,
+            "batch_size": self.s.batch_size,
             "workloads": {
                 k: {"overrides": list(w.overrides), "steps": self.s.steps or w.steps,
                     "eval_every": self.s.eval_every or w.eval_every,

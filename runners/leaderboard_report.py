@@ -84,6 +84,21 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if math.isfinite(a) else math.inf
 
 
+def headline(tab: pd.DataFrame) -> pd.DataFrame:
+    """Per workload, the fastest non-baseline method of a leaderboard table: its median time to
+    target ÷ tuned AdamW's, the Welch p, and whether it meets the goal (≤ 0.6×, p < 0.05)."""
+    rows = []
+    for wname, g in tab[~tab["optimizer"].isin(BASELINES)].groupby("workload", sort=True):
+        g = g.assign(_r=pd.to_numeric(g["time_vs_adamw"], errors="coerce").fillna(math.inf))
+        best = g.sort_values("_r").iloc[0]
+        p = best["p_time_vs_adamw"]
+        rows.append({"workload": wname, "best method": best["optimizer"],
+                     "time_vs_adamw": best["time_vs_adamw"], "p": p,
+                     "reached": best["reached"],
+                     "meets_goal": bool(best["_r"] <= GOAL and pd.notna(p) and p < 0.05)})
+    return pd.DataFrame(rows)
+
+
 def _median_time(g: pd.DataFrame) -> float:
     t = pd.to_numeric(g["time_to_target_s"], errors="coerce").fillna(math.inf).to_numpy(float)
     return float(np.median(t)) if len(t) else math.inf
@@ -195,6 +210,11 @@ def write(rows: list[dict[str, Any]], out: Path, *, manifest: dict[str, Any], lo
             (figs / track).mkdir(exist_ok=True)
             plot_profile(rho, score, figs / track)
         result[track] = tab
+        if track == "tuned" and not tab.empty:
+            head = headline(tab)
+            _write(head, tables / "headline")
+            result["headline"] = head
+            log("\n## best curvature method vs tuned AdamW\n" + head.to_markdown(index=False))
         result[f"{track}_score"] = score
         log(f"\n## {track} track\n" + tab.to_markdown(index=False))
         if not score.empty:

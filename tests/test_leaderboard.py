@@ -108,9 +108,10 @@ def test_decomposition_is_steps_ratio_times_step_time_ratio():
 def test_batch_size_can_be_searched_or_fixed_as_an_outer_loop():
     w = lb.load_workloads()["autoencoder"]
     s = lb.Settings(workloads={"autoencoder": w}, optimizers=["adamw"], trials=4)
-    fixed = lb.tune_cells(s, w, "adamw", batch_size=w.batch_sizes[0])
+    s.batch_size = w.batch_sizes[0]
+    fixed = [*lb.tune_cells(s, w, "adamw"), lb.default_cell(s, w, "adamw")]
     assert all(f"train.batch_size={w.batch_sizes[0]}" in c.overrides for c in fixed)
-    s.search_batch_size = True
+    s.batch_size, s.search_batch_size = None, True
     searched = {c.knobs["batch_size"] for c in lb.tune_cells(s, w, "adamw")}
     assert searched <= set(w.batch_sizes) and len(searched) > 1
 
@@ -179,3 +180,21 @@ def test_tuned_files_do_not_leak_into_trials_or_defaults(compose, tmp_path, name
         for key in {*tuned["optimizer"], *searched}:
             want = searched.get(key, preset[key])
             assert opt[key] == want, (cell.trial, key, opt[key], want)
+
+
+def test_leaderboard_table_and_headline_against_tuned_adamw():
+    rows = []
+    for opt, times in (("adamw", (1.0, 1.1, 0.9)), ("kfac", (0.5, 0.55, 0.45)),
+                       ("shampoo", (0.3, None, None))):
+        for seed, t in enumerate(times):
+            rows.append({"workload": "w", "optimizer": opt, "seed": seed, "trial": "t1",
+                         "metric": "loss", "mode": "min", "target": 1.0, "final": 0.9,
+                         "steps_to_target": None if t is None else 10 * t,
+                         "time_to_target_s": t, "mean_step_s": 0.01, "hp.lr": 0.1})
+    tab = lbr.leaderboard_table(pd.DataFrame(rows)).set_index("optimizer")
+    assert tab.loc["kfac", "reached"] == "3/3" and tab.loc["shampoo", "reached"] == "1/3"
+    assert tab.loc["kfac", "time_vs_adamw"] == pytest.approx(0.5)
+    assert tab.loc["shampoo", "time_vs_adamw"] == math.inf  # median seed never reached
+    assert tab.loc["kfac", "p_time_vs_adamw"] < 0.01
+    head = lbr.headline(tab.reset_index()).iloc[0]
+    assert head["best method"] == "kfac" and head["meets_goal"]
