@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -178,6 +179,26 @@ def trial_points(s: Settings, w: Workload, optimizer: str) -> list[dict[str, Any
     return ss.sample(s.trials, seed=s.qmc_seed)
 
 
+LIVE: set[subprocess.Popen] = set()  # running `ngbench train` processes (stopped on SIGTERM)
+STOPPING: list[bool] = []  # non-empty once interrupted: no new process starts
+
+
+def stop_children(grace_s: float = 15.0) -> None:
+    """SIGINT to every running ``ngbench train -m`` (its current run checkpoints and records
+    `interrupted`), then SIGKILL after ``grace_s`` (a sweep goes on to its next run after a
+    SIGINT; a killed run resumes from its last checkpoint). The next invocation resumes all."""
+    STOPPING.append(True)
+    for proc in list(LIVE):
+        proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for proc in list(LIVE):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 TRIAL_GROUP = "lb_trial"  # generated config group: one file per trial, see write_trial_configs
 
 
@@ -297,16 +318,27 @@ def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[froze
         ]
         tag = hashlib.sha1(" ".join(cmd).encode()).hexdigest()[:10]
         t0 = time.perf_counter()
+        if STOPPING:
+            return "(not started: stopping)", -1, 0.0
         with open(logs / f"{phase}_{workload}_{optimizer}_{tag}.log", "w") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+            LIVE.add(proc)
+            proc.wait()
+            LIVE.discard(proc)
         what = f"{workload}/{optimizer}: {len(group)} x {len(seeds)} runs"
         return what, proc.returncode, time.perf_counter() - t0
 
-    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=s.jobs)
+    try:
         for what, rc, dt in pool.map(launch, groups.items()):
             log(f"  {what} rc={rc} {dt:.1f}s")
+    except KeyboardInterrupt:
+        stop_children()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     index = index_runs(s.runs_root)
     archive(s, index)
     return index
@@ -729,12 +761,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"leaderboard: error: {exc}", file=sys.stderr)
         return 2
     d = Driver(s)
-    for phase in phases:
-        print(f"== {phase}", flush=True)
-        getattr(d, phase)()
-        if s.git_commit and phase == "calibrate":
-            subprocess.run(["git", "commit", "-q", "-m", "leaderboard: calibrated targets",
-                            "--", str(s.targets_file)], cwd=REPO, check=False)
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for phase in phases:
+            print(f"== {phase}", flush=True)
+            getattr(d, phase)()
+            if s.git_commit and phase == "calibrate":
+                subprocess.run(["git", "commit", "-q", "-m", "leaderboard: calibrated targets",
+                                "--", str(s.targets_file)], cwd=REPO, check=False)
+    except KeyboardInterrupt:
+        stop_children()
+        print("leaderboard: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     return 0
 
 
