@@ -68,6 +68,7 @@ class Workload:
     steps: int
     eval_every: int
     batch_sizes: tuple[int, ...]
+    est_run_s: float | None = None  # prior estimate of one run's wall time (plan)
 
 
 def load_workloads(path: Path = WORKLOADS_FILE) -> dict[str, Workload]:
@@ -79,7 +80,7 @@ def load_workloads(path: Path = WORKLOADS_FILE) -> dict[str, Workload]:
             raise ValueError(f"{path}: workload {name!r} lacks {sorted(missing)}")
         out[name] = Workload(
             name, tuple(w["overrides"]), int(w["steps"]), int(w["eval_every"]),
-            tuple(int(b) for b in w["batch_sizes"]),
+            tuple(int(b) for b in w["batch_sizes"]), w.get("est_run_s"),
         )
     return out
 
@@ -283,18 +284,27 @@ def index_runs(runs_root: Path) -> dict[frozenset[str], Path]:
     return out
 
 
-def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[frozenset[str], Path]:
-    """Run the seeds of ``cells`` that have no finished folder yet and return the index of
-    finished runs afterwards. Cells that differ only in their trial share one ``ngbench train
-    -m`` process (one start-up for all the trials of an optimizer); ``s.jobs`` processes run at
-    a time, each with one torch thread."""
-    index = index_runs(s.runs_root)
+def pending_groups(
+    cells: list[Cell], index: dict[frozenset[str], Path]
+) -> dict[tuple[Any, ...], list[Cell]]:
+    """The unfinished runs of ``cells``, one group per ``ngbench train -m`` process: cells
+    that differ only in their trial and miss the same seeds."""
     groups: dict[tuple[Any, ...], list[Cell]] = {}
     for c in cells:
         seeds = tuple(sd for sd in c.seeds if c.key(sd) not in index)
         if seeds:
             rest = tuple(o for o in c.overrides if not o.startswith(f"+{TRIAL_GROUP}="))
             groups.setdefault((c.phase, c.workload, c.optimizer, rest, seeds), []).append(c)
+    return groups
+
+
+def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[frozenset[str], Path]:
+    """Run the seeds of ``cells`` that have no finished folder yet and return the index of
+    finished runs afterwards. Cells that differ only in their trial share one ``ngbench train
+    -m`` process (one start-up for all the trials of an optimizer); ``s.jobs`` processes run at
+    a time, each with one torch thread."""
+    index = index_runs(s.runs_root)
+    groups = pending_groups(cells, index)
     n_runs = sum(len(k[-1]) * len(v) for k, v in groups.items())
     log(f"[{cells[0].phase if cells else '-'}] {len(cells)} cells: {n_runs} runs to do in "
         f"{len(groups)} processes ({s.jobs} jobs)")
@@ -599,12 +609,10 @@ class Driver:
 
         def pending(cells: list[Cell]) -> tuple[int, int, dict[str, int]]:
             per: dict[str, int] = {}
-            procs = 0
-            for c in cells:
-                n = sum(c.key(sd) not in self.index for sd in c.seeds)
-                procs += n > 0
-                per[c.workload] = per.get(c.workload, 0) + n
-            return sum(per.values()), procs, per
+            groups = pending_groups(cells, self.index)
+            for (_, workload, *_rest, seeds), group in groups.items():
+                per[workload] = per.get(workload, 0) + len(seeds) * len(group)
+            return sum(per.values()), len(groups), per
 
         out: dict[str, tuple[int, int]] = {}
         per_w: dict[str, int] = {}
@@ -622,15 +630,20 @@ class Driver:
             for w, n in per.items():
                 per_w[w] = per_w.get(w, 0) + n
             total_s += procs * STARTUP_S
-            self.log(f"{name:<9} {runs:>5} runs to do in at most {procs:>4} processes")
-        unknown = []
+            self.log(f"{name:<9} {runs:>5} runs to do in {procs:>4} processes")
+        unknown, prior = [], []
         for w, n in per_w.items():
             if walls.get(w):
                 total_s += n * sum(walls[w]) / len(walls[w])
+            elif n and s.workloads[w].est_run_s:
+                total_s += n * float(s.workloads[w].est_run_s)
+                prior.append(w)
             elif n:
                 unknown.append(w)
         self.log(f"expected wall time with {s.jobs} jobs: {total_s / s.jobs / 3600:.2f} h"
-                 + (f" + the runs of {unknown} (no finished run to time yet)" if unknown else ""))
+                 + (f" (est_run_s of workloads.yaml for {prior}: no finished run yet)"
+                    if prior else "")
+                 + (f" + the runs of {unknown} (no estimate)" if unknown else ""))
         return out
 
     def manifest(self) -> dict[str, Any]:
