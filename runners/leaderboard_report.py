@@ -5,7 +5,9 @@ Written under ``<out>/``: ``trials.csv`` (every run, raw, long format), ``manife
 ``search_spaces.yaml``, and per track (``tuned``: the best trial of each optimizer rerun over
 seeds; ``defaults``: no tuning) ``tables/<track>_leaderboard.{md,csv}``,
 ``tables/<track>_profile_scores.{md,csv}``, ``figures/<track>/performance_profile.png``, plus
-``tables/decomposition.{md,csv}`` and ``figures/decomposition.png`` for the tuned track.
+``tables/headline.{md,csv}`` (per workload the fastest curvature method ÷ tuned AdamW, with its
+Welch p), ``tables/decomposition.{md,csv}`` and ``figures/decomposition.png`` for the tuned
+track.
 
 Time to target is the training clock at the first evaluation that reaches the calibrated target;
 the per-workload time of the profile is the median over seeds (∞ when the median seed does not
@@ -210,15 +212,15 @@ def write(rows: list[dict[str, Any]], out: Path, *, manifest: dict[str, Any], lo
             (figs / track).mkdir(exist_ok=True)
             plot_profile(rho, score, figs / track)
         result[track] = tab
+        result[f"{track}_score"] = score
+        log(f"\n## {track} track\n" + tab.to_markdown(index=False))
+        if not score.empty:
+            log("profile score: " + json.dumps(score.round(3).to_dict()))
         if track == "tuned" and not tab.empty:
             head = headline(tab)
             _write(head, tables / "headline")
             result["headline"] = head
             log("\n## best curvature method vs tuned AdamW\n" + head.to_markdown(index=False))
-        result[f"{track}_score"] = score
-        log(f"\n## {track} track\n" + tab.to_markdown(index=False))
-        if not score.empty:
-            log("profile score: " + json.dumps(score.round(3).to_dict()))
     rer = df[df["phase"] == "rerun"]
     if not rer.empty:
         dec = decomposition(rer)
