@@ -3,17 +3,21 @@
     python -m runners.leaderboard                      # everything (= make leaderboard)
     python -m runners.leaderboard tune --workloads autoencoder --optimizers kfac,adamw
     python -m runners.leaderboard report               # tables/figures from finished runs
+    python -m runners.leaderboard plan                 # runs left, expected wall time
     python -m runners.leaderboard --smoke --runs-root /tmp/lb --out /tmp/lb/out   # CI size
 
 Phases (each resumes: a run folder whose record is finished is never run again):
 
 1. ``tune``: for every workload × optimizer, ``--trials`` points (8) drawn from the optimizer's
    declared space (:mod:`runners.search_space`, scrambled Sobol, ``--qmc-seed``), each one real
-   ``ngbench train -m`` run at seed 0 with the workload's step budget.
+   run at seed 0 with the workload's step budget. The trials of one optimizer on one workload
+   are one ``ngbench train -m ... +lb_trial=<t0>,<t1>,...`` sweep over generated config files
+   (a Hydra sweep is a cartesian product; a trial moves several knobs together).
 2. ``calibrate``: per workload, the first-order baseline trial (sgd, adamw) with the best target
    metric within the budget is rerun with ``--seeds`` seeds; the target is the median over the
    seeds of their best metric (AlgoPerf's rule). Written to ``configs/leaderboard/targets.yaml``
-   (or ``<out>/targets.yaml`` with ``--targets-file``) with the command that produced it.
+   (``--targets-file``; ``<out>/targets.yaml`` under ``--smoke``) with the command that
+   produced it.
 3. ``rerun``: trials are ranked by training-clock time to that target (a trial that never
    reaches it ranks behind every one that does, by its final metric); the best trial of every
    optimizer is rerun with ``--seeds`` seeds (its seed 0 is the trial itself).
@@ -21,10 +25,13 @@ Phases (each resumes: a run folder whose record is finished is never run again):
 5. ``report``: tables and figures (:mod:`runners.leaderboard_report`).
 
 Time and steps to target are read from each run's ``metrics.jsonl`` against the calibrated
-target, so a trial never depends on the target it is later scored against. Runs go through
-``ngbench train -m`` subprocesses, ``--jobs`` at a time, each with ``train.threads=1``. Every
-finished run's small files (record, metrics, overrides) are copied to ``<out>/runs/`` so the
-tables can be rebuilt from a fresh clone (``report --runs-root results/leaderboard/runs``).
+target, so a trial never depends on the target it is later scored against. ``--jobs``
+``ngbench train -m`` processes run at a time (Hydra's basic launcher inside each), every run
+with ``train.threads=1``. Knobs outside a declared space are at the preset's default on every
+workload (``configs/tuned/`` files are undone). Every finished run's small files (record,
+metrics, config, overrides) are copied to ``<out>/runs/`` so the tables can be rebuilt from a
+fresh clone (``report --runs-root results/leaderboard/runs``). SIGTERM or Ctrl-C stops the
+running sweeps; the same command resumes.
 """
 
 from __future__ import annotations
