@@ -83,7 +83,10 @@ class SearchSpace:
             raise SearchSpaceError(f"number of trials must be >= 1, got {n}")
         from scipy.stats import qmc
 
-        sobol = qmc.Sobol(d=len(self.dims), scramble=True, rng=seed)
+        try:
+            sobol = qmc.Sobol(d=len(self.dims), scramble=True, rng=seed)
+        except TypeError:  # scipy < 1.15 names it seed (same generator)
+            sobol = qmc.Sobol(d=len(self.dims), scramble=True, seed=seed)
         # Sobol points are balanced in blocks of 2^m; draw the enclosing power of two
         m = max(0, math.ceil(math.log2(n)))
         points = sobol.random_base2(m)[:n]
