@@ -47,12 +47,12 @@ def leaderboard_table(df: pd.DataFrame) -> pd.DataFrame:
     out = []
     for wname, wdf in df.groupby("workload", sort=True):
         ref = wdf[wdf["optimizer"] == REFERENCE]
-        ref_step = pd.to_numeric(ref["mean_step_s"], errors="coerce").mean()
+        ref_step = pd.to_numeric(ref["mean_step_s"], errors="coerce").median()
         ref_time = pd.to_numeric(ref["time_to_target_s"], errors="coerce")
         ref_med = _median_time(ref)
         for opt, g in wdf.groupby("optimizer", sort=True):
             t = pd.to_numeric(g["time_to_target_s"], errors="coerce")
-            step = pd.to_numeric(g["mean_step_s"], errors="coerce").mean()
+            step = pd.to_numeric(g["mean_step_s"], errors="coerce").median()
             med = _median_time(g)
             knobs = {c[3:]: g[c].iloc[0] for c in g.columns
                      if c.startswith("hp.") and pd.notna(g[c].iloc[0])}
