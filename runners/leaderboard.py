@@ -411,10 +411,15 @@ def score_run(folder: Path, target: Target) -> dict[str, Any]:
     rec = records.read_json(folder / records.RECORD)
     rows = records.read_metrics(folder / records.METRICS)
     better = (lambda a, b: a <= b) if target.mode == "min" else (lambda a, b: a >= b)
-    vals = [(r["step"], r.get("train_time_s"), r.get(target.metric)) for r in rows]
-    vals = [(st, t, float(v)) for st, t, v in vals if v is not None and v == v]
+    raw = [(r["step"], r.get("train_time_s"), r.get(target.metric)) for r in rows]
+    vals: list[tuple[int, float | None, float]] = [
+        (st, t, float(v)) for st, t, v in raw if v is not None and v == v
+    ]
     hit = next(((st, t) for st, t, v in vals if better(v, target.value)), (None, None))
-    best = (min if target.mode == "min" else max)((v for *_, v in vals), default=None)
+    metric_values = [v for *_, v in vals]
+    best: float | None = None
+    if metric_values:
+        best = min(metric_values) if target.mode == "min" else max(metric_values)
     final = vals[-1][2] if vals and rec["status"] == "completed" else None
     return {
         "status": rec["status"],
@@ -611,8 +616,8 @@ class Driver:
         walls: dict[str, list[float]] = {}
         for key, folder in self.index.items():
             wall = _wall_s(folder)
-            for wl, w in s.workloads.items():
-                if wall is not None and set(w.overrides) <= key:
+            for wl, wk in s.workloads.items():
+                if wall is not None and set(wk.overrides) <= key:
                     walls.setdefault(wl, []).append(wall)
 
         def pending(cells: list[Cell]) -> tuple[int, int, dict[str, int]]:
@@ -639,12 +644,13 @@ class Driver:
                 per_w[w] = per_w.get(w, 0) + n
             total_s += procs * STARTUP_S
             self.log(f"{name:<9} {runs:>5} runs to do in {procs:>4} processes")
-        unknown, prior = [], []
+        unknown: list[str] = []
+        prior: list[str] = []
         for w, n in per_w.items():
             if walls.get(w):
                 total_s += n * sum(walls[w]) / len(walls[w])
-            elif n and s.workloads[w].est_run_s:
-                total_s += n * float(s.workloads[w].est_run_s)
+            elif n and (est := s.workloads[w].est_run_s):
+                total_s += n * float(est)
                 prior.append(w)
             elif n:
                 unknown.append(w)
@@ -701,8 +707,10 @@ def _more_versions() -> dict[str, str | None]:
 
 
 # -- command line -----------------------------------------------------------------------
-SMOKE = {"workloads": ["autoencoder"], "optimizers": ["adamw", "kfac"], "trials": 2, "seeds": 3,
-         "steps": 12, "eval_every": 4, "extra": ("train.batch_size=100",)}
+SMOKE: dict[str, Any] = {
+    "workloads": ["autoencoder"], "optimizers": ["adamw", "kfac"], "trials": 2, "seeds": 3,
+    "steps": 12, "eval_every": 4, "extra": ("train.batch_size=100",),
+}
 
 
 def parse(argv: list[str] | None = None) -> tuple[list[str], Settings]:
