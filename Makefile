@@ -21,12 +21,17 @@ QUIET       = train.progress=false hydra/job_logging=none hydra/hydra_logging=no
 RESULTS_RUNS ?= runs/results
 RESULTS_OUT  ?= results/autoencoder_mnist_tiny
 
-.PHONY: data setup demo test test-fast lint bench results clean help
+# the fair comparison (issue 16): declared search spaces, 8 Sobol trials per optimizer per
+# workload, calibrated targets, reruns over 3 seeds, a no-tuning track; resumable
+LEADERBOARD_ARGS ?=
+
+.PHONY: data setup demo test test-fast lint bench results leaderboard clean help
 
 help:
 	@echo "make setup   create .venv (Python 3.12) and install ngbench with its dev and peers extras"
 	@echo "make demo    MNIST autoencoder, every optimizer x 3 seeds, table + plots in results/demo"
 	@echo "make results the committed comparison (800 steps, tuned) in results/autoencoder_mnist_tiny"
+	@echo "make leaderboard  the fair comparison on six tiny workloads (hours; resumable)"
 	@echo "make test    the test suite (what CI runs)"
 	@echo "make lint    ruff, and mypy --strict on optimizers/"
 	@echo "make bench   step-overhead benchmark on the small CNN"
@@ -57,6 +62,9 @@ results: setup
 	$(NGB) train -m task=autoencoder optimizer=$(DEMO_OPTS) seed=0,1,2 \
 	    train.eval_every=10 runs_root=$(RESULTS_RUNS) $(PARALLEL) $(QUIET)
 	$(NGB) report $(RESULTS_RUNS) --out $(RESULTS_OUT)
+
+leaderboard: setup
+	$(BIN)/python -m runners.leaderboard --jobs $(JOBS) $(LEADERBOARD_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q --timeout=900

@@ -49,7 +49,14 @@ def cmd_list(argv: list[str]) -> int:
     )
     ap.add_argument("what", choices=["tasks", "optimizers"])
     ap.add_argument("--names", action="store_true", help="names only, one per line")
+    ap.add_argument("--search-space", action="store_true",
+                    help="optimizers: the declared search space of each (the fair comparison)")
     args = ap.parse_args(argv)
+    if args.search_space and args.what == "optimizers":
+        from .search_space import format_spaces
+
+        print(format_spaces())
+        return 0
     if args.names:
         if args.what == "optimizers":
             from optimizers import list_optimizers as names_of
