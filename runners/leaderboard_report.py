@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from . import records
-from .report import performance_profile, plot_profile, welch_p
+from .report import performance_profile, plot_profile, styles, welch_p
 
 REFERENCE = "adamw"
 BASELINES = ("sgd", "adamw")
@@ -214,7 +214,8 @@ def write(rows: list[dict[str, Any]], out: Path, *, manifest: dict[str, Any], lo
             _write(score.rename("score").rename_axis("optimizer").reset_index(),
                    tables / f"{track}_profile_scores")
             (figs / track).mkdir(exist_ok=True)
-            plot_profile(rho, score, figs / track)
+            style = styles(prof.assign(preset=prof["optimizer"], variant="default"))
+            plot_profile(rho, score, figs / track, style)
         result[track] = tab
         result[f"{track}_score"] = score
         log(f"\n## {track} track\n" + tab.to_markdown(index=False))
