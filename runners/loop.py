@@ -257,7 +257,7 @@ def train(cfg: DictConfig, run_dir: Path, *, preset: str | None = None) -> dict[
     started = datetime.now(UTC).isoformat(timespec="seconds")
     record: dict[str, Any] = {
         "task": task.name,
-        "dataset": resolved["task"].get("dataset"),
+        "dataset": task.cfg.data_name,  # the data really used (tiny: the embedded set)
         "flavor": task.flavor,
         "optimizer": spec.name,
         "preset": preset or spec.name,

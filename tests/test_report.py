@@ -147,7 +147,8 @@ def test_performance_profile_formula():
 def test_report_cli_on_real_runs_and_wandb_mirror(ngbench, tmp_path):
     p = ngbench("train", "-m", "debug=smoke", "optimizer=sgd,adamw", "seed=0,1", "logger=wandb")
     assert p.returncode == 0, p.stderr
-    run = tmp_path / "runs" / "autoencoder_mnist_tiny" / "adamw" / "default" / "seed1"
+    run = tmp_path / "runs" / "debug" / "smoke" / "autoencoder_mnist_5k_tiny" / "adamw" / "default"
+    run = run / "seed1"
     # W&B offline run file: its logged history equals metrics.jsonl
     hist = read_history(find_run_file(run))
     rows = records.read_metrics(run / "metrics.jsonl")
@@ -159,7 +160,7 @@ def test_report_cli_on_real_runs_and_wandb_mirror(ngbench, tmp_path):
     p = ngbench("report", "runs", "--out", "rep")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "| adamw" in p.stdout and "| sgd" in p.stdout and "4 runs, 0 skipped" in p.stdout
-    assert (tmp_path / "rep" / "figures" / "curves_autoencoder_mnist_tiny.png").exists()
+    assert (tmp_path / "rep" / "figures" / "curves_autoencoder_mnist_5k_tiny.png").exists()
     table = (tmp_path / "rep" / "tables" / "summary.md").read_text()
     assert "(2)" in table  # two seeds per optimizer
     p = ngbench("report", "does-not-exist")
