@@ -40,12 +40,23 @@ def _choice(key: str, value: Any, choices: tuple[str, ...] | list[str], what: st
     )
 
 
-def _positive(key: str, value: Any, *, allow_none: bool = True, lo: float = 1) -> None:
-    if value is None and allow_none:
+def _positive(key: str, value: Any, *, lo: float = 1) -> None:
+    """``value`` is None or a number >= ``lo``."""
+    if value is None:
         return
     _need(
         isinstance(value, (int, float)) and not isinstance(value, bool) and value >= lo,
         f"task.{key} must be >= {lo}, got {value!r}",
+    )
+
+
+def _gt0(key: str, value: Any) -> None:
+    """``value`` is None or a number > 0."""
+    if value is None:
+        return
+    _need(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+        f"task.{key} must be > 0, got {value!r}",
     )
 
 
@@ -138,6 +149,10 @@ class TaskConfig:
             return cfg
         if isinstance(cfg, TaskConfig):
             cfg = dataclasses.asdict(cfg)
+        if type(cfg).__name__ == "DictConfig":  # a Hydra node: plain values, resolved
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         items = dict(cfg.items())
         names = [f.name for f in dataclasses.fields(cls)]
         for key in items:
@@ -487,7 +502,7 @@ class SchNetConfig(TaskConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("n_atom_basis", "n_interactions", "n_rbf", "n_filters", "n_train", "n_val"):
-            _positive(key, getattr(self, key))
+            _gt0(key, getattr(self, key))
         _need(self.cutoff is None or self.cutoff > 0, f"task.cutoff must be > 0, got {self.cutoff}")
         _positive("eval_batch_size", self.eval_batch_size)
 
@@ -559,7 +574,7 @@ class RecommenderConfig(TaskConfig):
             "the data",
         )
         for key in ("num_negatives", "eval_negatives", "eval_batch_size", "gmf_dim", "emb_dim"):
-            _positive(key, getattr(self, key))
+            _gt0(key, getattr(self, key))
         _positive("table_size", self.table_size, lo=0)
 
     def default_dataset(self) -> str:
