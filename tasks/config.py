@@ -84,6 +84,35 @@ class Target:
 
 
 @dataclass(kw_only=True)
+class TargetOverride:
+    """``task.target.*``: any field left None keeps the task's default target's value (e.g.
+    ``task.target.value=300`` moves only the threshold)."""
+
+    metric: str | None = None
+    value: float | None = None
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:
+            _need(
+                self.mode in ("min", "max"),
+                f"task.target.mode must be min or max, got {self.mode!r}",
+            )
+
+    def over(self, base: Target | None) -> Target | None:
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if not given:
+            return base
+        merged = {**(base.as_dict() if base else {}), **given}
+        _need(
+            {"metric", "value"} <= set(merged),
+            f"task.target needs a metric and a value (no default target to complete it), got "
+            f"{given}",
+        )
+        return Target(**merged)
+
+
+@dataclass(kw_only=True)
 class TaskConfig:
     """Keys every task has."""
 
@@ -97,7 +126,8 @@ class TaskConfig:
     flavor: str = "tiny"  # tiny (embedded data, seconds on a CPU) | full (the paper's data)
     dataset: str | None = None  # None = the flavor's default data set
     data_root: str = "data"  # where full data sets live (result-neutral)
-    target: Target | None = None  # None = the flavor's and data set's default target
+    #: the flavor's and data set's default target (TARGETS), with any field set here replacing it
+    target: TargetOverride = field(default_factory=TargetOverride)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -109,8 +139,12 @@ class TaskConfig:
         _choice("flavor", self.flavor, FLAVORS)
         if self.dataset is not None:
             _choice("dataset", self.dataset, self.DATASETS, f" for {self.NAME}")
-        if isinstance(self.target, Mapping):
-            self.target = Target(**self.target)
+        if isinstance(self.target, Target):
+            self.target = TargetOverride(**self.target.as_dict())
+        elif isinstance(self.target, Mapping):
+            self.target = TargetOverride(**self.target)
+        elif self.target is None:
+            self.target = TargetOverride()
 
     # -- derived ------------------------------------------------------------------------
     def default_dataset(self) -> str:
@@ -130,12 +164,9 @@ class TaskConfig:
 
     @property
     def resolved_target(self) -> Target | None:
-        if self.target is not None:
-            return self.target
-        for key in self._target_keys():
-            if key in self.TARGETS:
-                return self.TARGETS[key]
-        return None
+        base = next((self.TARGETS[k] for k in self._target_keys() if k in self.TARGETS), None)
+        assert isinstance(self.target, TargetOverride)
+        return self.target.over(base)
 
     def describe(self) -> str:
         return f"{self.NAME} on {self.data_name}"
