@@ -24,7 +24,13 @@ def cmd_train(argv: list[str]) -> int:
     """Hand over to Hydra (``--help`` prints configs/train.yaml's ``hydra.help`` template: the
     keys and every config group with its choices)."""
     from . import train
+    from .config_check import ConfigError, check_override_keys
 
+    try:
+        check_override_keys(argv)
+    except ConfigError as exc:
+        print(f"ngbench: error: {exc}", file=sys.stderr)
+        return 2
     sys.argv = ["ngbench train", *argv]
     train.main()
     return 0

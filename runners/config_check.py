@@ -102,6 +102,34 @@ def check_config(cfg: DictConfig | Mapping[str, Any], *, build: bool = True) -> 
         build_task(c["task"])  # the task's own checks (data is loaded lazily)
 
 
+GROUPS = ("task", "optimizer", "logger", "debug", "experiment", "sweep", "tuned", "local")
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Refuse, before Hydra composes, a command-line key that no schema has (``train.X``, a
+    root key, ``task.X`` for the chosen task), naming the closest valid key: Hydra's own
+    message would suggest adding it with ``+``.  Keys it cannot place (optimizer.*, keys an
+    experiment may change) are left to Hydra and :func:`check_config`."""
+    from tasks.config import TASK_CONFIGS
+
+    pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("-")]
+    choice = {k.lstrip("+~"): v for k, v in pairs}
+    task = choice.get("task", "autoencoder")
+    task_cls = None if "experiment" in choice else TASK_CONFIGS.get(task)
+    root = [f.name for f in dataclasses.fields(NgbenchConfig)]
+    for key, _ in pairs:
+        key = key.lstrip("+~")
+        parts = key.split(".")
+        if "/" in key or parts[0] in ("hydra", "optimizer", "logger"):
+            continue
+        if len(parts) == 1 and key not in root and key not in GROUPS:
+            raise ConfigError(unknown_key_message(key, list(dict.fromkeys(root + list(GROUPS)))))
+        if parts[0] == "train" and len(parts) >= 2:
+            check_keys({parts[1]: None}, TrainConfig, "train.")
+        if parts[0] == "task" and len(parts) >= 2 and task_cls is not None:
+            check_keys({parts[1]: None}, task_cls, "task.")
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from optimizers import OptimizerConfigError
 

@@ -108,7 +108,8 @@ def test_override_goes_into_folder_name_and_sweep(ngbench, tmp_path):
         # unknown keys with or without +, at any level: the full key and the closest valid one
         (["+train.step=10"], ["'train.step' is not a valid key", "did you mean 'train.steps'"]),
         (["+train.stepz=10"], ["'train.stepz'", "did you mean 'train.steps'"]),
-        (["train.stepz=10"], ["train.stepz"]),
+        (["train.stepz=10"], ["'train.stepz'", "did you mean 'train.steps'"]),
+        (["task.flavour=tiny"], ["'task.flavour'", "did you mean 'task.flavor'"]),
         (["+nosuch=1"], ["'nosuch' is not a valid key", "runs_root"]),
         (["+task.flavour=tiny"], ["'task.flavour'", "did you mean 'task.flavor'"]),
         (["+logger.projet=x"], ["'logger.projet'", "did you mean 'logger.project'"]),
