@@ -204,3 +204,9 @@ def test_list_and_data_and_help(ngbench):
         p = ngbench(sub, "--help")
         assert p.returncode == 0 and "usage" in p.stdout.lower(), sub
     assert ngbench("frobnicate").returncode == 2
+    p = ngbench("--version")
+    assert p.returncode == 0 and p.stdout.startswith("ngbench ")
+    p = ngbench("train", "--help")  # every config group with its choices
+    for line in ("task: autoencoder, recommender, resnet", "debug: smoke", "logger: none, wandb"):
+        assert line in p.stdout, p.stdout
+    assert "optimizer: adamw" in p.stdout and "experiment: mbf_autoencoder_curves" in p.stdout
