@@ -22,11 +22,15 @@ _LAZY = (
 )
 
 
-def _register_all() -> None:
-    from . import registry
+_loaded = False
 
-    if registry.TASKS:
+
+def _register_all() -> None:
+    global _loaded
+    if _loaded:
         return
+    _loaded = True
+    from . import registry
     # --- task modules (keep this marker): one register_task line per task ---
     from .resnet import ResNetTask
 
