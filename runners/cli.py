@@ -5,8 +5,10 @@
     ngbench bench [--model ...]             optimizer step-overhead benchmark
     ngbench data DATASET [--root DIR]       check or prepare a data set
     ngbench list {tasks,optimizers}         what is registered
+    ngbench --version
 
-Each subcommand has its own ``--help``.
+Each subcommand has its own ``--help``; ``ngbench train --help`` lists every config group
+and its choices.
 """
 
 from __future__ import annotations
@@ -19,33 +21,59 @@ USAGE = __doc__ or ""
 
 
 def cmd_train(argv: list[str]) -> int:
-    if argv[:1] in (["-h"], ["--help"]) and len(argv) == 1:
-        print(
-            "usage: ngbench train [-m] [KEY=VALUE ...] [hydra flags]\n\n"
-            "Train one run (or a sweep with -m) from the Hydra config configs/train.yaml.\n"
-            "Groups: task=<name> optimizer=<name> logger=none|wandb debug=smoke "
-            "hydra/launcher=slurm experiment=<name>\n"
-            "Keys: seed, task.flavor (tiny|full), task.data_root, train.steps, "
-            "train.batch_size,\n      train.eval_every, train.checkpoint_every, optimizer.lr, "
-            "runs_root ...\n"
-            "Examples:\n"
-            "  ngbench train task=autoencoder optimizer=kfac\n"
-            "  ngbench train -m optimizer=sgd,adamw,kfac seed=0,1,2\n"
-            "  ngbench train --cfg job optimizer=kfac     # print the composed config\n"
-            "  ngbench train --hydra-help                 # Hydra's own flags\n"
-            "Run folders: runs/<task>_<dataset>_<flavor>/<optimizer>/<overrides>/seed<N>/"
-        )
-        return 0
+    """Hand over to Hydra (``--help`` prints configs/train.yaml's ``hydra.help`` template: the
+    keys and every config group with its choices)."""
     from . import train
+    from .config_check import ConfigError, check_override_keys
 
+    try:
+        check_override_keys(argv)
+    except ConfigError as exc:
+        print(f"ngbench: error: {exc}", file=sys.stderr)
+        return 2
     sys.argv = ["ngbench train", *argv]
     train.main()
     return 0
 
 
+def _list_optimizers(names_only: bool) -> None:
+    # the registry imports torch (the optimizers are torch.optim.Optimizer classes)
+    from optimizers import REGISTRY, list_optimizers
+
+    names = list_optimizers()
+    if names_only:
+        print("\n".join(names))
+        return
+    w = max(map(len, names))
+    for n in names:
+        s = REGISTRY[n]
+        on = (("curvature", s.curvature), ("hooks", s.needs_model), ("mc-fisher", s.sampled_fisher))
+        flags = ",".join(f for f, yes in on if yes) or "first-order"
+        print(f"{n:<{w}}  {flags:<26} {s.description}" + (f"  [{s.paper}]" if s.paper else ""))
+
+
+def _list_tasks(names_only: bool) -> None:
+    # tasks.config needs neither torch nor Hydra: the defaults of each task config class
+    from tasks.config import TASK_CONFIGS
+
+    if names_only:
+        print("\n".join(sorted(TASK_CONFIGS)))
+        return
+    for n in sorted(TASK_CONFIGS):
+        cfg = TASK_CONFIGS[n]()
+        tgt = cfg.resolved_target
+        target = f"{tgt.metric} {'<=' if tgt.mode == 'min' else '>='} {tgt.value}" if tgt else "-"
+        print(
+            f"{n:<12} {cfg.describe()}\n{'':<12} flavor={cfg.flavor} data={cfg.data_name} "
+            f"datasets={','.join(cfg.DATASETS)} target: {target}"
+        )
+
+
 def cmd_list(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
-        prog="ngbench list", description="List registered tasks or optimizers."
+        prog="ngbench list",
+        description="List registered tasks (with their default flavor, the data it really "
+        "uses, the accepted task.dataset values and the target) or optimizers.",
     )
     ap.add_argument("what", choices=["tasks", "optimizers"])
     ap.add_argument("--names", action="store_true", help="names only, one per line")
@@ -57,61 +85,20 @@ def cmd_list(argv: list[str]) -> int:
 
         print(format_spaces())
         return 0
-    if args.names:
-        if args.what == "optimizers":
-            from optimizers import list_optimizers as names_of
-        else:
-            from tasks import list_tasks as names_of
-        print("\n".join(names_of()))
-        return 0
     if args.what == "optimizers":
-        from optimizers import REGISTRY, list_optimizers
-
-        names = list_optimizers()
-        w = max(map(len, names))
-        for n in names:
-            s = REGISTRY[n]
-            flags = (
-                ",".join(
-                    f
-                    for f, on in (
-                        ("curvature", s.curvature),
-                        ("hooks", s.needs_model),
-                        ("mc-fisher", s.sampled_fisher),
-                    )
-                    if on
-                )
-                or "first-order"
-            )
-            print(f"{n:<{w}}  {flags:<26} {s.description}" + (f"  [{s.paper}]" if s.paper else ""))
-        return 0
-    from hydra import compose, initialize_config_dir
-
-    from tasks import TASKS, build_task, list_tasks
-
-    from .train import CONFIG_DIR
-
-    names = list_tasks()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        for n in names:
-            try:
-                cfg = compose("train", overrides=[f"task={n}"])
-                t = build_task(cfg.task)
-                tgt = t.target
-                sign = "<=" if tgt.mode == "min" else ">="
-                print(
-                    f"{n:<12} {t.describe()}\n{'':<12} flavor={t.flavor} datasets="
-                    f"{','.join(TASKS[n].datasets)} target: {tgt.metric} {sign} {tgt.value}"
-                )
-            except Exception as exc:  # a broken task config should not hide the others
-                print(f"{n:<12} (config error: {exc})")
+        _list_optimizers(args.names)
+    else:
+        _list_tasks(args.names)
     return 0
 
 
 def cmd_data(argv: list[str]) -> int:
-    from tasks import TASKS, DataNotFoundError, list_tasks
+    from tasks.config import TASK_CONFIGS
 
-    known = {d: TASKS[t] for t in list_tasks() for d in TASKS[t].datasets}
+    known: dict[str, str] = {}  # data set -> the first task that accepts it
+    for name in sorted(TASK_CONFIGS):
+        for d in TASK_CONFIGS[name].DATASETS:
+            known.setdefault(d, name)
     ap = argparse.ArgumentParser(
         prog="ngbench data",
         description="Check a data set under a root folder, or prepare what can be prepared "
@@ -131,9 +118,12 @@ def cmd_data(argv: list[str]) -> int:
         return 2
     import os
 
+    from tasks import TASKS, DataNotFoundError, list_tasks
+
+    list_tasks()  # loads the task modules
     root = args.root or Path(os.environ.get("NGBENCH_DATA", "data"))
     try:
-        print(known[args.dataset].prepare_data(args.dataset, root))
+        print(TASKS[known[args.dataset]].prepare_data(args.dataset, root))
     except DataNotFoundError as exc:
         print(f"ngbench data: {exc}", file=sys.stderr)
         return 1
@@ -164,10 +154,26 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("ngbench")
+    except metadata.PackageNotFoundError:  # a source checkout that is not installed
+        import re
+
+        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+        m = re.search(r'^version = "([^"]+)"', text, re.M)
+        return m.group(1) if m else "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.strip())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"ngbench {version()}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:

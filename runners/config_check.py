@@ -1,82 +1,188 @@
-"""Validate a composed config before any work: every message names the key and the fix."""
+"""Validate a composed config before any work and before any run folder exists: every message
+names the full key and the fix (the closest valid key for an unknown one).
+
+Hydra itself refuses, while composing, an unknown key written without ``+`` and a value of the
+wrong type for a typed key (``runners.schema``).  What it lets through — keys added with ``+``,
+value ranges and choices — is refused here, by :class:`ValidateConfig`, a Hydra callback that
+runs before Hydra creates the run folder (``on_run_start``) and, for a multirun, checks every
+cell of the sweep before the first one starts (``on_multirun_start``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from collections.abc import Mapping
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from optimizers import get_spec
-from optimizers.registry import validate_hparams
+from tasks.config import TaskConfigError, task_config, unknown_key_message
 
-from .schedules import SCHEDULES
+from .schema import ConfigError, LoggerConfig, NgbenchConfig, TrainConfig
 
-
-class ConfigError(ValueError):
-    """A bad config value."""
+__all__ = ["ConfigError", "ValidateConfig", "check_config", "check_optimizer", "check_train"]
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def check_keys(node: Mapping[str, Any], schema: type, prefix: str = "") -> None:
+    """Refuse a key of ``node`` that is not a field of the dataclass ``schema`` (recursively
+    into dataclass-typed fields), naming the full key and the closest valid one."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        if key not in fields:
+            raise ConfigError(unknown_key_message(f"{prefix}{key}", [prefix + n for n in fields]))
+        default = fields[key].default_factory  # dataclass-typed fields use a factory
+        if (
+            isinstance(value, Mapping)
+            and callable(default)
+            and isinstance(default, type)
+            and dataclasses.is_dataclass(default)
+        ):
+            check_keys(value, default, f"{prefix}{key}.")
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def check_train(train: Mapping[str, Any]) -> None:
+    check_keys(train, TrainConfig, "train.")
+    TrainConfig(**train)
 
 
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+def check_optimizer(opt: Mapping[str, Any]) -> None:
+    from optimizers import get_spec, registry
 
-
-def check_train(train: dict[str, Any]) -> None:
-    for key, lo in (
-        ("steps", 1),
-        ("batch_size", 1),
-        ("eval_every", 1),
-        ("checkpoint_every", 0),
-        ("warmup_steps", 0),
-    ):
-        v = train.get(key)
-        _need(_is_int(v) and v >= lo, f"train.{key} must be an integer >= {lo}, got {v!r}")
-    _need(
-        train.get("schedule") in SCHEDULES,
-        f"train.schedule={train.get('schedule')!r} is not valid; valid choices: "
-        + ", ".join(SCHEDULES),
-    )
-    _need(
-        train.get("device") in ("auto", "cpu", "cuda"),
-        f"train.device={train.get('device')!r} is not valid; valid choices: auto, cpu, cuda",
-    )
-    for key in ("grad_clip", "max_time_s"):
-        v = train.get(key)
-        _need(v is None or (_is_num(v) and v > 0), f"train.{key} must be null or > 0, got {v!r}")
-    v = train.get("min_lr_ratio")
-    _need(_is_num(v) and 0 <= v <= 1, f"train.min_lr_ratio must be in [0, 1], got {v!r}")
-    v = train.get("lr_mult")
-    _need(_is_num(v) and v > 0, f"train.lr_mult must be a number > 0, got {v!r}")
-    v = train.get("threads")
-    _need(v is None or (_is_int(v) and v >= 1), f"train.threads must be null or >= 1, got {v!r}")
-
-
-def check_optimizer(opt: dict[str, Any]) -> None:
+    name = str(opt.get("name"))
+    spec = get_spec(name)
     hparams = {k: v for k, v in opt.items() if k != "name"}
-    validate_hparams(get_spec(str(opt.get("name"))), hparams)
+    if hasattr(registry, "config_class"):
+        cls = registry.config_class(name)
+        valid = [f.name for f in dataclasses.fields(cls)]
+    else:  # until optimizers.registry.config_class exists (removed at merge)
+        cls, valid = None, list(spec.hparams)
+    for key in hparams:
+        if key not in valid:
+            raise ConfigError(
+                unknown_key_message(f"optimizer.{key}", [f"optimizer.{n}" for n in valid])
+                + f"; {name!r} has no such hyperparameter"
+            )
+    if cls is not None:
+        cls(**hparams)
+        return
+    registry.validate_hparams(spec, hparams)
+    m = hparams.get("momentum")
+    if m is not None and not (isinstance(m, (int, float)) and 0 <= m < 1):
+        raise registry.OptimizerConfigError(f"optimizer.momentum must be in [0, 1), got {m!r}")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` (or the task/optimizer config errors) on a bad config."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(c, dict)
-    _need(
-        _is_int(c.get("seed")) and c["seed"] >= 0,
-        f"seed must be an integer >= 0, got {c.get('seed')!r}",
-    )
-    check_train(c["train"])
-    check_optimizer(c["optimizer"])
-    from tasks import build_task
+def check_config(cfg: DictConfig | Mapping[str, Any], *, build: bool = True) -> None:
+    """Raise :class:`ConfigError` (or the task/optimizer config errors) on a bad config.
+    ``build=False`` skips building the task (the one check that imports torch)."""
+    c: dict[str, Any] = {}
+    for key in cfg:
+        if key == "hydra":
+            continue
+        try:
+            value = cfg[key]
+            c[str(key)] = (
+                OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            )
+        except OmegaConfBaseException as exc:
+            full = getattr(exc, "full_key", None) or key
+            raise ConfigError(f"{full}: {getattr(exc, 'msg', exc)}") from None
+    check_keys(c, NgbenchConfig)
+    check_train(c.get("train") or {})
+    NgbenchConfig(**{k: v for k, v in c.items() if k != "train"})
+    check_keys(c.get("logger") or {}, LoggerConfig, "logger.")
+    LoggerConfig(**(c.get("logger") or {}))
+    task_config(c.get("task") or {})
+    check_optimizer(c.get("optimizer") or {})
+    if build:
+        from tasks import build_task
 
-    task = build_task(cfg.task)  # validates task keys (cheap: data load is lazy)
-    t = task.target
-    if t.mode not in ("min", "max"):
-        raise ConfigError(f"task.target.mode must be min or max, got {t.mode!r}")
+        build_task(c["task"])  # the task's own checks (data is loaded lazily)
+
+
+GROUPS = ("task", "optimizer", "logger", "debug", "experiment", "sweep", "tuned", "local")
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Refuse, before Hydra composes, a command-line key that no schema has (``train.X``, a
+    root key, ``task.X`` for the chosen task), naming the closest valid key: Hydra's own
+    message would suggest adding it with ``+``.  Keys it cannot place (optimizer.*, keys an
+    experiment may change) are left to Hydra and :func:`check_config`."""
+    from tasks.config import TASK_CONFIGS
+
+    pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("-")]
+    choice = {k.lstrip("+~"): v for k, v in pairs}
+    task = choice.get("task", "autoencoder")
+    task_cls = None if "experiment" in choice else TASK_CONFIGS.get(task)
+    root = [f.name for f in dataclasses.fields(NgbenchConfig)]
+    for key, _ in pairs:
+        key = key.lstrip("+~")
+        parts = key.split(".")
+        if "/" in key or parts[0] in ("hydra", "optimizer", "logger"):
+            continue
+        if len(parts) == 1 and key not in root and key not in GROUPS:
+            raise ConfigError(unknown_key_message(key, list(dict.fromkeys(root + list(GROUPS)))))
+        if parts[0] == "train" and len(parts) >= 2:
+            check_keys({parts[1]: None}, TrainConfig, "train.")
+        if parts[0] == "task" and len(parts) >= 2 and task_cls is not None:
+            check_keys({parts[1]: None}, task_cls, "task.")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from optimizers import OptimizerConfigError
+
+    return (ConfigError, TaskConfigError, OptimizerConfigError)
+
+
+def refuse(msg: str) -> None:
+    print(f"ngbench: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _sweep_cells(config: DictConfig) -> list[list[str]] | None:
+    """The override list of every cell of a basic-sweeper multirun (None for other sweepers,
+    whose cells are chosen while they run)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = config.hydra.sweeper.get("params") or {}
+    lines = [f"{k}={v}" for k, v in params.items()]
+    lines += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False) or [])
+    loader = GlobalHydra.instance().config_loader()
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(lines)
+    batches = BasicSweeper.split_arguments(overrides, None)
+    return [cell for batch in batches for cell in batch]
+
+
+class ValidateConfig(Callback):
+    """Hydra callback (``hydra.callbacks.validate`` in ``configs/train.yaml``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_config(config)
+        except user_errors() as exc:
+            refuse(str(exc))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+
+        cells = _sweep_cells(config)
+        if cells is None:
+            return self.on_run_start(config)
+        loader = GlobalHydra.instance().config_loader()
+        for cell in cells:
+            try:
+                cfg = loader.load_sweep_config(config, list(cell))
+                check_config(cfg)
+            except user_errors() as exc:
+                refuse(f"sweep cell {' '.join(cell)}: {exc}")
+            except Exception as exc:  # a composition error (Hydra's own message)
+                if type(exc).__name__ != "ConfigCompositionException":
+                    raise
+                refuse(f"sweep cell {' '.join(cell)}: {exc}")
+        return None

@@ -7,7 +7,6 @@ unfinished, ``checkpoint.pt``.  It is the source of truth; W&B only mirrors it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -16,9 +15,10 @@ import tempfile
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where needed: `ngbench report --help` stays fast
+    import torch
 
 RECORD = "record.json"
 METRICS = "metrics.jsonl"
@@ -97,7 +97,7 @@ def write_json(path: Path, obj: Any) -> None:
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
-    if isinstance(x, torch.Tensor):
+    if type(x).__module__.startswith("torch") and hasattr(x, "numel"):  # a tensor
         return x.item() if x.numel() == 1 else x.tolist()
     if hasattr(x, "item"):
         return x.item()
@@ -137,17 +137,10 @@ def append_metrics(path: Path, row: dict[str, Any]) -> None:
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
-    """Hash of the parts of a config that decide the result (not paths or display keys)."""
-    keep = {k: v for k, v in resolved.items() if k not in ("runs_root", "logger")}
-    train = dict(keep.get("train", {}))
-    for k in ("progress", "device", "threads", "checkpoint_every"):
-        train.pop(k, None)
-    keep["train"] = train
-    task = dict(keep.get("task", {}))
-    task.pop("data_root", None)
-    keep["task"] = task
-    blob = json.dumps(keep, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """Hash of the parts of a config that decide the result (``runners.identity``)."""
+    from .identity import config_hash as identity_hash
+
+    return identity_hash(resolved)
 
 
 def git_commit() -> dict[str, Any]:
@@ -178,6 +171,8 @@ def package_versions() -> dict[str, str | None]:
 
 
 def hardware(device: torch.device) -> dict[str, Any]:
+    import torch
+
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

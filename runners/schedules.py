@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a scheduler is built (cheap `ngbench --help`)
+    import torch
 
 SCHEDULES = ("constant", "cosine", "linear", "warmup_cosine", "inv_sqrt")
 
@@ -39,6 +41,8 @@ def lr_multiplier(
 def build_scheduler(
     opt: torch.optim.Optimizer, name: str, *, total_steps: int, warmup_steps: int, min_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(
         opt,
         lr_multiplier(

@@ -135,7 +135,7 @@ class RunRecord:
         self.logger: Any = None  # the W&B mirror (rank 0, logger=wandb)
         self.finished = False
         self._steps_per_epoch: int | None = None  # known once the task's data is loaded
-        self.cfg_hash = records.config_hash(resolved)
+        self.cfg_hash = records.config_hash(resolved)  # identity: RESULT_NEUTRAL_KEYS left out
         opt = str(cfg.optimizer.name)
         self.data: dict[str, Any] = {
             "task": str(cfg.task.name),
@@ -194,6 +194,7 @@ class RunRecord:
         ``metrics.jsonl`` or, on resume, its rows up to the checkpoint (later ones are redone)."""
         self.data.update(
             task=task.name,
+            dataset=task.cfg.data_name,  # the data really used (tiny: the embedded set)
             flavor=task.flavor,
             optimizer=optimizer,
             target=task.target.as_dict(),

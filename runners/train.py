@@ -5,15 +5,15 @@
     ngbench train -m hydra/launcher=slurm optimizer=sgd,kfac seed=0,1
 
 The run folder is ``hydra.run.dir``
-(``runs/<task>_<dataset>_<flavor>/<optimizer>/<overrides>/seed<N>`` by default): a name
-that follows from the config, so a rerun finds its own folder, skips a finished run and
-resumes an unfinished one.
+(``runs/[debug/<preset>/]<task>_<data>_<flavor>/<optimizer>/<overrides>/seed<N>``): a name
+that follows from the config (``runners.identity``), so a rerun finds its own folder, skips
+a finished run and resumes an unfinished one.  ``runners.config_check.ValidateConfig`` (a Hydra
+callback) refuses a bad config before the folder is made.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,30 +23,64 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from . import identity, schema
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 log = logging.getLogger("ngbench")
 
 
-def _tag(override_dirname: str) -> str:
-    """Folder component for the non-default overrides ('default' when there are none)."""
-    if not override_dirname:
-        return "default"
-    return re.sub(r"[^A-Za-z0-9=,._+-]", "_", override_dirname)[:180]
+def _data_name(task: Any) -> str:
+    """Folder component of the data a run really uses (``tasks.config``: ``data_name``)."""
+    from tasks.config import task_config
+
+    node = OmegaConf.to_container(task, resolve=True) if OmegaConf.is_config(task) else task
+    try:
+        return task_config(node).data_name
+    except ValueError:  # refused with a clear message by runners.config_check
+        return str(node.get("dataset"))
 
 
-if not OmegaConf.has_resolver("ngb_tag"):
-    OmegaConf.register_new_resolver("ngb_tag", _tag)
-if not OmegaConf.has_resolver("ngb_max"):
-    OmegaConf.register_new_resolver("ngb_max", lambda *xs: max(int(x) for x in xs))
+def _register_resolvers() -> None:
+    resolvers = {
+        "ngb_tag": lambda overrides: identity.folder_tag(overrides or []),
+        "ngb_debug": identity.debug_prefix,
+        "ngb_data": _data_name,
+        "ngb_neutral": lambda: [*identity.FOLDER_KEYS, *identity.RESULT_NEUTRAL_KEYS],
+        "ngb_max": lambda *xs: max(int(x) for x in xs),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+_register_resolvers()
+schema.register_schemas()
+schema.register_optimizer_schemas()  # once optimizers.registry.config_class exists
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from optimizers import OptimizerConfigError
-    from tasks import DataNotFoundError, TaskConfigError
+    from tasks import DataNotFoundError
 
-    from .config_check import ConfigError
+    from . import config_check
 
-    return (ConfigError, OptimizerConfigError, TaskConfigError, DataNotFoundError)
+    return (*config_check.user_errors(), DataNotFoundError)
+
+
+def _differences_note(cfg: DictConfig, run_dir: Path) -> str:
+    """The result-changing keys in which ``cfg`` differs from the run in ``run_dir``."""
+    old_path = run_dir / "config.yaml"
+    if not old_path.exists():
+        return ""
+    old = OmegaConf.to_container(OmegaConf.load(old_path), resolve=False)
+    new = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(old, dict) and isinstance(new, dict)
+    diff = identity.differences(old, new)
+    if not diff:
+        return (
+            "\nNo result-changing key differs (the folder's record was hashed by an older "
+            "ngbench); delete the folder to rerun."
+        )
+    return "\nKeys that differ (folder's run -> this run):\n  " + "\n  ".join(diff)
 
 
 def fail(msg: str) -> None:
@@ -80,7 +114,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             return None
         fail(str(exc))
         return None
-    except (RunConflict, CheckpointError) as exc:
+    except RunConflict as exc:
+        fail(f"{exc}{_differences_note(cfg, run_dir)}")
+        return None
+    except CheckpointError as exc:
         fail(str(exc))
         return None
     except KeyboardInterrupt:  # a second Ctrl-C, or one during set-up: recorded, no traceback

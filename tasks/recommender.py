@@ -38,16 +38,17 @@ from torch import Tensor, nn
 
 from . import _criteo, _movielens
 from .base import DataNotFoundError, Task, TaskConfigError, epoch_permutation, shard_indices
+from .config import (
+    MOVIELENS,
+    RECOMMENDER_DATASETS,
+    RECOMMENDER_DEFAULT_DATASET,
+    RECOMMENDER_MODELS,
+    RecommenderConfig,
+)
 
-MODELS = ("ncf", "dlrm")
-MOVIELENS = ("movielens_100k", "movielens_1m", "movielens_20m")
-DATASETS = {"ncf": MOVIELENS, "dlrm": ("criteo", "movielens_100k")}
-DEFAULT_DATASET = {
-    ("tiny", "ncf"): "movielens_100k",
-    ("full", "ncf"): "movielens_1m",
-    ("tiny", "dlrm"): "movielens_100k",
-    ("full", "dlrm"): "criteo",
-}
+MODELS = RECOMMENDER_MODELS
+DATASETS = RECOMMENDER_DATASETS
+DEFAULT_DATASET = RECOMMENDER_DEFAULT_DATASET
 #: model sizes per (flavor, model); every key can be overridden under ``task.``
 SIZES: dict[tuple[str, str], dict[str, Any]] = {
     # NCF paper defaults (predictive factors 8, MLP 64-32-16-8)
@@ -148,54 +149,30 @@ class DLRM(nn.Module):
 # ----------------------------------------------------------------------------- task
 class RecommenderTask(Task):
     name = "recommender"
-    datasets = ("movielens_100k", "movielens_1m", "movielens_20m", "criteo")
+    config_class = RecommenderConfig
+    datasets = RecommenderConfig.DATASETS
     metric_modes = {"val_hr10": "max", "val_ndcg10": "max", "val_auc": "max", "val_logloss": "min"}
+    cfg: RecommenderConfig
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any] | RecommenderConfig):
         super().__init__(cfg)
-        self.model_name = str(cfg.get("model", "ncf"))
-        if self.model_name not in MODELS:
-            raise TaskConfigError(
-                f"task.model={self.model_name!r} is not valid; valid choices: " + ", ".join(MODELS)
-            )
-        self.dataset = str(cfg.get("dataset") or DEFAULT_DATASET[(self.flavor, self.model_name)])
-        valid = DATASETS[self.model_name]
-        if self.dataset not in valid:
-            raise TaskConfigError(
-                f"task.dataset={self.dataset!r} is not valid for task.model={self.model_name}; "
-                "valid choices: " + ", ".join(valid)
-            )
-        if self.flavor == "tiny" and self.dataset != "movielens_100k":
-            raise TaskConfigError(
-                f"task.flavor=tiny exists only for task.dataset=movielens_100k (got "
-                f"{self.dataset!r}); use task.flavor=full with task.data_root holding the data"
-            )
-        self.sizes = dict(SIZES[(self.flavor, self.model_name)])
-        for key in self.sizes:
-            if cfg.get(key) is not None:
-                value = cfg[key]
-                self.sizes[key] = (
-                    [int(v) for v in value] if isinstance(self.sizes[key], list) else int(value)
-                )
-        self.num_negatives = self._positive_int(cfg, "num_negatives", 4)
-        self.eval_negatives = self._positive_int(cfg, "eval_negatives", 99)
-        self.eval_seed = int(cfg.get("eval_seed", 0))
-        self.split_seed = int(cfg.get("split_seed", 0))
-        self.table_size = int(cfg.get("table_size", 0) or 0)
-        max_rows = cfg.get("max_rows")
-        self.max_rows = int(max_rows) if max_rows else None
-        self.train_file = cfg.get("train_file") or None
-        self.val_file = cfg.get("val_file") or None
-        self.eval_batch_size = self._positive_int(cfg, "eval_batch_size", 65536)
+        c = self.cfg
+        self.model_name = c.model
+        self.sizes = {
+            key: default if getattr(c, key) is None else getattr(c, key)
+            for key, default in SIZES[(self.flavor, self.model_name)].items()
+        }
+        self.num_negatives = c.num_negatives
+        self.eval_negatives = c.eval_negatives
+        self.eval_seed = c.eval_seed
+        self.split_seed = c.split_seed
+        self.table_size = c.table_size
+        self.max_rows = c.max_rows or None
+        self.train_file = c.train_file or None
+        self.val_file = c.val_file or None
+        self.eval_batch_size = c.eval_batch_size
         self._loo: _movielens.LeaveOneOut | None = None
         self._tables: tuple[dict[str, Tensor], dict[str, Tensor], list[int]] | None = None
-
-    @staticmethod
-    def _positive_int(cfg: Mapping[str, Any], key: str, default: int) -> int:
-        value = int(cfg.get(key) if cfg.get(key) is not None else default)
-        if value <= 0:
-            raise TaskConfigError(f"task.{key} must be > 0, got {value}")
-        return value
 
     # -- data -----------------------------------------------------------------
     @classmethod

@@ -18,15 +18,17 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def list_tasks() -> list[str]:
-    import tasks  # noqa: F401  (fills the registry)
+    from . import _register_all
 
+    _register_all()
     return sorted(TASKS)
 
 
 def build_task(cfg: Mapping[str, Any]) -> Task:
     """Build the task named by ``cfg['name']`` from its (Hydra) config node."""
-    import tasks  # noqa: F401
+    from . import _register_all
 
+    _register_all()
     name = cfg.get("name")
     if name not in TASKS:
         raise TaskConfigError(

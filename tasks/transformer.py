@@ -50,8 +50,9 @@ from torch import Tensor, nn
 
 from . import _text_data as td
 from .base import DataNotFoundError, Task, TaskConfigError, epoch_permutation
+from .config import TransformerConfig
 
-DATASETS = ("wmt14_en_de", "numbers_en_de")
+DATASETS = TransformerConfig.DATASETS
 BATCH_BY = ("sentences", "tokens")
 
 
@@ -260,67 +261,28 @@ class Transformer(nn.Module):
 
 
 # -- task ---------------------------------------------------------------------------------
-ARCH_KEYS = ("layers", "d_model", "ffn_dim", "heads", "dropout", "pre_norm", "share_embeddings")
-
-
 class TransformerTask(Task):
     name = "transformer"
-    datasets = DATASETS
+    config_class = TransformerConfig
+    datasets = TransformerConfig.DATASETS
     metric_modes = {"val_loss": "min", "val_ppl": "min", "val_bleu": "max", "val_chrf": "max"}
+    cfg: TransformerConfig
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any] | TransformerConfig):
         super().__init__(cfg)
-        self.dataset = str(cfg.get("dataset", "wmt14_en_de"))
-        if self.dataset not in DATASETS:
-            raise TaskConfigError(
-                f"task.dataset={self.dataset!r} is not valid for transformer; valid choices: "
-                + ", ".join(DATASETS)
-            )
-        self.corpus = "numbers_en_de" if self.flavor == "tiny" else self.dataset
-        arch = dict(cfg.get("arch") or {})
-        unknown = set(arch) - set(ARCH_KEYS)
-        if unknown:
-            raise TaskConfigError(
-                f"task.arch has unknown keys {sorted(unknown)}; valid keys: " + ", ".join(ARCH_KEYS)
-            )
-        self.arch = arch
-        for key in ("layers", "d_model", "ffn_dim", "heads"):
-            if key in arch and int(arch[key]) < 1:
-                raise TaskConfigError(f"task.arch.{key} must be >= 1, got {arch[key]}")
-        if not 0.0 <= float(arch.get("dropout", 0.1)) < 1.0:
-            raise TaskConfigError(f"task.arch.dropout must be in [0, 1), got {arch['dropout']}")
-        self.vocab_size = int(cfg.get("vocab_size") or 32_000)
-        if self.vocab_size < 8:
-            raise TaskConfigError(f"task.vocab_size must be >= 8, got {self.vocab_size}")
-        self.label_smoothing = float(cfg.get("label_smoothing", 0.1))
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise TaskConfigError(
-                f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}"
-            )
-        self.batch_by = str(cfg.get("batch_by", "sentences"))
-        if self.batch_by not in BATCH_BY:
-            raise TaskConfigError(
-                f"task.batch_by={self.batch_by!r} is not valid; valid choices: "
-                + ", ".join(BATCH_BY)
-            )
-        self.max_len = int(cfg.get("max_len") or 256)
-        if self.max_len < 2:
-            raise TaskConfigError(f"task.max_len must be >= 2, got {self.max_len}")
-        self.eval_split = str(cfg.get("eval_split", "test"))
-        if self.eval_split not in ("valid", "test"):
-            raise TaskConfigError(
-                f"task.eval_split={self.eval_split!r} is not valid; valid choices: valid, test"
-            )
-        self.eval_batch_size = int(cfg.get("eval_batch_size") or 128)
-        bleu_n = cfg.get("bleu_sentences")
-        self.bleu_sentences = None if bleu_n is None else int(bleu_n)
-        self.bucket = int(cfg.get("bucket_batches") or 100)
-        self.spm_model = cfg.get("spm_model")
-        self.spm_type = str(cfg.get("spm_type") or "unigram")
-        if self.spm_type not in ("unigram", "bpe"):
-            raise TaskConfigError(
-                f"task.spm_type={self.spm_type!r} is not valid; valid choices: unigram, bpe"
-            )
+        c = self.cfg
+        self.corpus = c.data_name
+        self.arch = c.effective_arch
+        self.vocab_size = c.effective_vocab_size
+        self.label_smoothing = c.label_smoothing
+        self.batch_by = c.effective_batch_by
+        self.max_len = c.max_len
+        self.eval_split = c.eval_split
+        self.eval_batch_size = c.eval_batch_size
+        self.bleu_sentences = c.bleu_sentences
+        self.bucket = c.bucket_batches
+        self.spm_model = c.spm_model
+        self.spm_type = c.effective_spm_type
         self._sp: Any = None
         self._data: dict[str, td.Encoded] | None = None
         self._train_idx: np.ndarray | None = None
@@ -341,26 +303,13 @@ class TransformerTask(Task):
                 f"unknown text data set {dataset!r}; valid choices: " + ", ".join(DATASETS)
             )
         flavor = "tiny" if dataset == "numbers_en_de" else "full"
-        task = cls(
-            {
-                "flavor": flavor,
-                "dataset": dataset,
-                "data_root": str(root),
-                # the defaults of configs/task/transformer.yaml
-                "vocab_size": 128 if flavor == "tiny" else 32_000,
-                "spm_type": "bpe" if flavor == "tiny" else "unigram",
-            }
-        )
+        task = cls({"flavor": flavor, "dataset": dataset, "data_root": str(root)})
         data = task._load()
         return (
             f"{dataset}: {task.data_dir}: {len(data['train.en'])} train / "
             f"{len(data['valid.en'])} valid / {len(data['test.en'])} test sentence pairs, "
             f"sentencepiece model {task._spm_file()} ({task.vocab_size} pieces)"
         )
-
-    def describe(self) -> str:
-        n, d = self.arch.get("layers", 6), self.arch.get("d_model", 512)
-        return f"Transformer {n}+{n} layers, d={d} on {self.corpus}"
 
     def _spm_file(self) -> Path:
         return (

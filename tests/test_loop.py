@@ -36,7 +36,7 @@ def test_target_detection_records_first_eval_reaching_it(compose, tmp_path):
         "optimizer=adamw",
         "train.steps=40",
         "train.eval_every=5",
-        "task.targets.tiny_mnist.value=300.0",
+        "task.target.value=300.0",
     )
     rec = loop.train(cfg, tmp_path / "run")
     rows = records.read_metrics(tmp_path / "run" / "metrics.jsonl")

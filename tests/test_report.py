@@ -106,7 +106,7 @@ def test_report_table_numbers_and_skips(tmp_path):
     assert " 72 ± 2 (3) |" in md  # formatting comes last, from the numbers
     assert " 85 (1) |" in md and "± nan" not in md and "nan" not in md.replace("nanos", "")
     figs = {p.name for p in out["figures"]}
-    assert figs == {"curves_autoencoder_mnist_tiny.png", "performance_profile.png"}
+    assert figs == {"curves_autoencoder_mnist_5k_tiny.png", "performance_profile.png"}
     # profile: kfac median 2.0 s is fastest; adamw median over (4.0, inf) = inf; sgd never
     assert out["scores"]["kfac"] == pytest.approx(1.0)
     assert out["scores"]["sgd"] == 0.0
@@ -190,7 +190,7 @@ def test_report_cli_on_real_runs_bad_files_and_wandb_mirror(ngbench, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "| adamw" in p.stdout and "| sgd" in p.stdout
     assert "4 runs, 0 debug runs, 0 skipped" in p.stdout
-    assert (tmp_path / "rep" / "figures" / "curves_autoencoder_mnist_tiny.png").exists()
+    assert (tmp_path / "rep" / "figures" / "curves_autoencoder_mnist_5k_tiny.png").exists()
     table = (tmp_path / "rep" / "tables" / "summary.md").read_text()
     assert "(2) |" in table  # two seeds per optimizer
 

@@ -68,7 +68,9 @@ def test_sweep_runs_as_job_array(tmp_path):
             (
                 tmp_path
                 / "runs"
-                / "autoencoder_mnist_tiny"
+                / "debug"
+                / "smoke"
+                / "autoencoder_mnist_5k_tiny"
                 / opt
                 / "default"
                 / "seed0"

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from tasks import DataNotFoundError, TaskConfigError, _criteo, _movielens, build_task
+from tasks.config import task_config
 from tasks.recommender import DLRM, NeuMF, RecommenderTask
 
 REPO = Path(__file__).resolve().parent.parent
@@ -385,12 +386,13 @@ def test_bad_keys_and_missing_criteo(tmp_path: Path) -> None:
 
 
 def test_config_composes_with_targets(compose) -> None:
-    cfg = compose("task=recommender")
-    assert (cfg.task.model, cfg.task.dataset) == ("ncf", "movielens_100k")
-    assert cfg.task.target.metric == "val_hr10"
+    cfg = task_config(compose("task=recommender").task)
+    assert (cfg.model, cfg.effective_dataset) == ("ncf", "movielens_100k")
+    assert cfg.resolved_target.metric == "val_hr10"
     dlrm = compose("task=recommender", "task.model=dlrm", "task.flavor=full")
-    assert dlrm.task.dataset == "criteo" and dlrm.task.target.value == pytest.approx(0.8025)
+    c = task_config(dlrm.task)
+    assert c.effective_dataset == "criteo" and c.resolved_target.value == pytest.approx(0.8025)
     task = build_task(dlrm.task)
     assert task.sizes["bottom_mlp"] == [512, 256, 64, 16] and task.sizes["emb_dim"] == 16
     ncf_full = compose("task=recommender", "task.flavor=full", "task.dataset=movielens_20m")
-    assert ncf_full.task.target.value == pytest.approx(0.635)
+    assert task_config(ncf_full.task).resolved_target.value == pytest.approx(0.635)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tasks import DataNotFoundError, TaskConfigError, build_task
+from tasks.config import task_config
 from tasks.schnet import SchNetTask, split_dense_activations
 
 REPO = Path(__file__).resolve().parent.parent
@@ -256,9 +257,10 @@ def test_missing_qm9_and_bad_keys_raise_clear_errors(tmp_path: Path) -> None:
 
 
 def test_config_composes_with_targets(compose) -> None:
-    cfg = compose("task=schnet")
-    assert cfg.task.dataset == "ase_emt" and cfg.task.target.metric == "val_mae"
+    tiny = task_config(compose("task=schnet").task)
+    assert tiny.effective_dataset == "ase_emt" and tiny.resolved_target.metric == "val_mae"
     full = compose("task=schnet", "task.flavor=full")
-    assert full.task.dataset == "qm9" and full.task.target.value == pytest.approx(0.014)
+    c = task_config(full.task)
+    assert c.effective_dataset == "qm9" and c.resolved_target.value == pytest.approx(0.014)
     task = build_task(full.task)
     assert task.sizes == {"n_atom_basis": 128, "n_interactions": 6, "n_rbf": 20, "cutoff": 5.0}

@@ -303,7 +303,7 @@ def test_missing_data_and_bad_keys(tmp_path, data_root):
         _task(data_root, dataset="iwslt")
     with pytest.raises(TaskConfigError, match=r"task.batch_by='words'.*sentences, tokens"):
         _task(data_root, batch_by="words")
-    with pytest.raises(TaskConfigError, match=r"task.arch has unknown keys \['depth'\]"):
+    with pytest.raises(TaskConfigError, match=r"'task.arch.depth' is not a valid key"):
         _task(data_root, arch={"depth": 3})
     _task(data_root).num_train_examples()
     spm = data_root / "numbers_en_de" / "spm_bpe128.model"
