@@ -102,7 +102,14 @@ def check_config(cfg: DictConfig | Mapping[str, Any], *, build: bool = True) -> 
         build_task(c["task"])  # the task's own checks (data is loaded lazily)
 
 
-GROUPS = ("task", "optimizer", "logger", "debug", "experiment", "sweep", "tuned", "local")
+def config_groups() -> list[str]:
+    """The groups of the root config's defaults list (configs/train.yaml), its one source."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "configs" / "train.yaml").read_text()
+    head = text.split("defaults:", 1)[1]
+    return re.findall(r"^\s*-\s*(?:optional\s+)?(\w+)\s*:", head.split("\n\n", 1)[0], re.M)
 
 
 def check_override_keys(overrides: list[str]) -> None:
@@ -122,8 +129,8 @@ def check_override_keys(overrides: list[str]) -> None:
         parts = key.split(".")
         if "/" in key or parts[0] in ("hydra", "optimizer", "logger"):
             continue
-        if len(parts) == 1 and key not in root and key not in GROUPS:
-            raise ConfigError(unknown_key_message(key, list(dict.fromkeys(root + list(GROUPS)))))
+        if len(parts) == 1 and key not in root and key not in (groups := config_groups()):
+            raise ConfigError(unknown_key_message(key, list(dict.fromkeys(root + groups))))
         if parts[0] == "train" and len(parts) >= 2:
             check_keys({parts[1]: None}, TrainConfig, "train.")
         if parts[0] == "task" and len(parts) >= 2 and task_cls is not None:

@@ -11,7 +11,7 @@ Phases (each resumes: a run folder whose record is finished is never run again):
 1. ``tune``: for every workload × optimizer, ``--trials`` points (8) drawn from the optimizer's
    declared space (:mod:`runners.search_space`, scrambled Sobol, ``--qmc-seed``), each one real
    run at seed 0 with the workload's step budget. The trials of one optimizer on one workload
-   are one ``ngbench train -m ... +lb_trial=<t0>,<t1>,...`` sweep over generated config files
+   are one ``ngbench train -m ... lb_trial=<t0>,<t1>,...`` sweep over generated config files
    (a Hydra sweep is a cartesian product; a trial moves several knobs together).
 2. ``calibrate``: per workload, the first-order baseline trial (sgd, adamw) with the best target
    metric within the budget is rerun with ``--seeds`` seeds; the target is the median over the
@@ -121,7 +121,7 @@ class Cell:
     @property
     def trial_config(self) -> str | None:
         """Name of the generated trial config this cell selects (None: defaults)."""
-        pre = f"+{TRIAL_GROUP}="
+        pre = f"{TRIAL_GROUP}="
         return next((o[len(pre):] for o in self.overrides if o.startswith(pre)), None)
 
 
@@ -227,7 +227,7 @@ def trial_config_text(knobs: dict[str, Any]) -> str:
 
 def write_trial_configs(s: Settings, cells: Iterable[Cell]) -> Path:
     """One ``<runs_root>/_trial_configs/lb_trial/<trial>.yaml`` per trial (on Hydra's search
-    path), so that the trials of one optimizer run as one ``-m +lb_trial=a,b,...`` sweep: Hydra
+    path), so that the trials of one optimizer run as one ``-m lb_trial=a,b,...`` sweep: Hydra
     sweeps are cartesian products, and a trial changes several knobs together."""
     root = s.runs_root / "_trial_configs"
     for c in cells:
@@ -254,7 +254,7 @@ def tune_cells(s: Settings, w: Workload, optimizer: str) -> list[Cell]:
     base = base_overrides(s, w, optimizer, points[0])
     return [
         Cell("tune", w.name, optimizer, f"t{i}",
-             (*base, f"+{TRIAL_GROUP}={trial_name(optimizer, i, k)}"), (0,), k)
+             (*base, f"{TRIAL_GROUP}={trial_name(optimizer, i, k)}"), (0,), k)
         for i, k in enumerate(points)
     ]
 
@@ -300,7 +300,7 @@ def pending_groups(
     for c in cells:
         seeds = tuple(sd for sd in c.seeds if c.key(sd) not in index)
         if seeds:
-            rest = tuple(o for o in c.overrides if not o.startswith(f"+{TRIAL_GROUP}="))
+            rest = tuple(o for o in c.overrides if not o.startswith(f"{TRIAL_GROUP}="))
             groups.setdefault((c.phase, c.workload, c.optimizer, rest, seeds), []).append(c)
     return groups
 
@@ -326,7 +326,7 @@ def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[froze
         trials = [c.trial_config for c in group if c.trial_config]
         cmd = [
             sys.executable, "-m", "runners.cli", "train", "-m", *rest,
-            *([f"+{TRIAL_GROUP}={','.join(trials)}"] if trials else []),
+            *([f"{TRIAL_GROUP}={','.join(trials)}"] if trials else []),
             f"seed={','.join(map(str, seeds))}",
             f"train.eval_every={s.eval_every or s.workloads[workload].eval_every}",
             "train.threads=1", "train.progress=false", f"runs_root={s.runs_root}",
