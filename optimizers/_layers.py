@@ -107,6 +107,14 @@ class LayerHelper:
         xt = x.reshape(-1, x.shape[-1]).t().to(dtype)
         return gram(xt), xt.sum(1), xt.shape[1]
 
+    def reduced_rows(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
+        """K-FAC-reduce (Eschenhagen et al., NeurIPS 2023): ``(x̂, ĝ, R)`` with
+        ``x̂_n = (1/R) Σ_r x_{n,r}`` the per-example *mean* input (``(N, n-1)``, bias column
+        left out), ``ĝ_n = Σ_r g_{n,r}`` the per-example *sum* of the scaled output gradients
+        (``(N, m)``), from the raw module input ``a`` and the raw hook value ``g``; ``R`` is the
+        number of locations (tokens) that share the weight per example."""
+        raise NotImplementedError(f"{type(self).__name__} has no K-FAC-reduce rows")
+
     def example_chunks(
         self, a: Tensor, g: Tensor, *, elements: int
     ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -204,6 +212,17 @@ class LinearHelper(LayerHelper):
         rows = self._rows(g.detach())
         return rows * self.grad_multiplier(g) if scaled else rows
 
+    def reduced_rows(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
+        """As :meth:`LayerHelper.reduced_rows`; the locations are every dim between the first
+        (examples) and the last (features), whatever ``loss_average`` says."""
+        x, gd = a.detach(), g.detach()
+        if x.dim() <= 2:
+            mult = self.grad_multiplier(g)
+            return x.reshape(-1, x.shape[-1]), gd.reshape(-1, gd.shape[-1]) * mult, 1
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        gs = gd.reshape(gd.shape[0], -1, gd.shape[-1]).sum(1)
+        return x.mean(1), gs * self.grad_multiplier(g), x.shape[1]
+
 
 def _batched(x: Tensor) -> Tensor:
     """A conv's detached input or output gradient with its batch dimension (an unbatched
@@ -255,6 +274,11 @@ class Conv2dHelper(LayerHelper):
         ``(N, C·kh·kw, T)`` intermediate and its transpose (measured 1.2-1.8x faster on CPU for
         the small CNN's convs).  Columns in ``weight.view(C_out, -1)`` order; padding modes
         other than zeros and ``padding="same"`` go through an explicit ``F.pad``."""
+        c, kh, kw, n, ho, wo = (view := self._patch_view(a)).shape
+        return view.reshape(c * kh * kw, n * ho * wo)
+
+    def _patch_view(self, a: Tensor) -> Tensor:
+        """``(C_in, kh, kw, N, Ho, Wo)``: a strided view of the (padded) input, no copy."""
         m = self.module
         if self._explicit_pad:
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
@@ -268,12 +292,11 @@ class Conv2dHelper(LayerHelper):
         n, c = x.shape[:2]
         ho, wo = self._out_hw(*a.shape[-2:])
         s_n, s_c, s_h, s_w = x.stride()
-        view = x.as_strided(
+        return x.as_strided(
             (c, kh, kw, n, ho, wo),
             (s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw),
             x.storage_offset(),
         )
-        return view.reshape(c * kh * kw, n * ho * wo)
 
     def input_rows(self, a: Tensor, *, homogeneous: bool = True) -> Tensor:
         a = _batched(a)
@@ -285,6 +308,15 @@ class Conv2dHelper(LayerHelper):
         g = _batched(g)
         rows = g.flatten(2).transpose(1, 2)  # (N, T, C_out)
         return rows * float(g.shape[0]) if scaled else rows
+
+    def reduced_rows(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
+        """As :meth:`LayerHelper.reduced_rows`: the mean patch is a sum over the output
+        locations of the strided patch view (no patch matrix is built), ``ĝ`` a spatial sum."""
+        a, gb = _batched(a), _batched(g)
+        view = self._patch_view(a)  # (C, kh, kw, N, Ho, Wo), a view of the (padded) input
+        c, kh, kw, n, ho, wo = view.shape
+        x = view.sum((4, 5)).reshape(c * kh * kw, n).t() / (ho * wo)
+        return x, gb.sum((2, 3)) * self.grad_multiplier(gb), ho * wo
 
     def grad_multiplier(self, g: Tensor) -> float:
         return float(g.shape[0]) if g.dim() == 4 else 1.0
