@@ -1,0 +1,371 @@
+"""Cost model of the optimizer step: the arithmetic each method needs, priced at this machine's
+measured rates, so ``ngbench bench`` can print a *floor* beside each measured step time.
+
+For every curvature layer the bench's batch reaches (``Linear``/``Conv2d``/``Embedding``: output
+rows ``m``, input columns ``n`` incl. the bias, ``N`` examples, ``T`` locations per example),
+each method's essential kernels per phase are listed from ALGORITHMS.md's cost sections (§1.6
+K-FAC, §2.5 EKFAC, §3.4 TKFAC/TEKFAC, §4.6 NG+, §6.3 MBF, §7.3-7.4 Shampoo/SOAP) and
+each kernel is *timed at its exact shape in this process* (:class:`Rates`: GEMMs, batched GEMMs,
+``eigh``, batched inverses, elementwise passes, and the per-call overhead of a tiny op), then
+amortised over the method's schedule (statistics every ``stat_every`` steps, refresh every
+``inv_every`` ...).  The floor of a step is SGD's measured step plus the predicted extra phases
+of the method; the bench reports ``floor_ratio = floor / SGD step`` beside the measured ratio
+and names the phase whose measured time exceeds its prediction most.
+
+What the floor leaves out (so a method can sit above it for a stated reason): the symmetric
+halves of Gram products are priced as full GEMMs (a ``syrk`` floor would be half); forward and
+backward hooks beyond the statistics kernels; Python bookkeeping beyond ``CALLS`` tiny ops per
+layer; communication (one process: zero).  Methods without a model here (SNGD: its
+per-unit/shared metric choice per layer is not modelled yet) get no floor.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LayerShape", "Rates", "layer_shapes", "memory_floor", "predict", "settings_of"]
+
+#: tiny Python-side ops per layer and step that any per-layer preconditioner issues
+#: (grad matrix, write-back, clip contribution, ...), priced at the measured per-call overhead
+CALLS = 8
+PHASES = ("statistics", "inverse", "precondition", "update")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    kind: str  # linear | conv2d | embedding
+    m: int  # output rows
+    n: int  # input columns, bias included (embedding: vocabulary size)
+    N: int  # examples
+    T: int  # locations per example sharing the weight
+    k2: int = 1  # kernel area (conv)
+    bias: bool = False
+
+    @property
+    def c_in(self) -> int:
+        return (self.n - int(self.bias)) // self.k2
+
+
+def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> list[LayerShape]:
+    """The curvature layers of ``model`` with the shapes one call of ``run_forward`` (a forward
+    pass on the bench batch, run here without gradients) gives them."""
+    found: list[LayerShape] = []
+    handles = []
+
+    def hook(name: str, mod: nn.Module) -> Callable[..., None]:
+        def fn(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            a = inputs[0]
+            bias = getattr(module, "bias", None) is not None
+            if isinstance(module, nn.Conv2d):
+                n_ex = a.shape[0] if a.dim() == 4 else 1
+                t = output.shape[-1] * output.shape[-2]
+                k2 = module.kernel_size[0] * module.kernel_size[1]
+                found.append(LayerShape(name, "conv2d", module.out_channels,
+                                        module.in_channels * k2 + int(bias), n_ex, t, k2, bias))
+            elif isinstance(module, nn.Embedding):
+                n_ex = a.shape[0] if a.dim() >= 1 else 1
+                found.append(LayerShape(name, "embedding", module.embedding_dim,
+                                        module.num_embeddings, n_ex, max(1, a.numel() // n_ex)))
+            else:
+                n_ex = a.shape[0] if a.dim() >= 2 else 1
+                t = max(1, a.numel() // max(1, a.shape[-1]) // n_ex)
+                found.append(LayerShape(name, "linear", module.out_features,
+                                        module.in_features + int(bias), n_ex, t, 1, bias))
+
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            handles.append(mod.register_forward_hook(hook(name, mod)))
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    seen: dict[str, LayerShape] = {}
+    for s in found:  # a module called twice keeps its first call's shape, N·T summed
+        if s.name in seen:
+            p = seen[s.name]
+            seen[s.name] = LayerShape(p.name, p.kind, p.m, p.n, p.N, p.T + s.T, p.k2, p.bias)
+        else:
+            seen[s.name] = s
+    return list(seen.values())
+
+
+class Rates:
+    """Kernel times measured in this process on ``device`` (median of ``reps`` after one
+    warm-up call), cached per shape."""
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 reps: int = 3) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.reps = reps
+        self._cache: dict[tuple, float] = {}
+        self.call = self._measure(("call",), self._call_fn())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _time(self, fn: Callable[[], Any]) -> float:
+        fn()
+        self._sync()
+        out = []
+        for _ in range(self.reps):
+            t0 = time.perf_counter()
+            fn()
+            self._sync()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    def _measure(self, key: tuple, fn: Callable[[], Any]) -> float:
+        if key not in self._cache:
+            self._cache[key] = self._time(fn)
+        return self._cache[key]
+
+    def _rand(self, *shape: int) -> Tensor:
+        return torch.randn(*shape, device=self.device, dtype=self.dtype)
+
+    def _call_fn(self) -> Callable[[], Any]:
+        x = self._rand(1)
+        return lambda: x.add_(1.0)
+
+    def gemm(self, m: int, k: int, n: int) -> float:
+        """``(m × k) @ (k × n)``."""
+        if min(m, k, n) <= 0:
+            return 0.0
+        key = ("gemm", m, k, n)
+        if key not in self._cache:
+            a, b = self._rand(m, k), self._rand(k, n)
+            self._measure(key, lambda: a @ b)
+        return self._cache[key]
+
+    def bmm(self, b: int, m: int, k: int, n: int) -> float:
+        if min(b, m, k, n) <= 0:
+            return 0.0
+        key = ("bmm", b, m, k, n)
+        if key not in self._cache:
+            x, y = self._rand(b, m, k), self._rand(b, k, n)
+            self._measure(key, lambda: torch.bmm(x, y))
+        return self._cache[key]
+
+    def eigh(self, n: int) -> float:
+        if n <= 1:
+            return self.call
+        key = ("eigh", n)
+        if key not in self._cache:
+            x = self._rand(n, n)
+            s = x @ x.t() + n * torch.eye(n, device=self.device, dtype=self.dtype)
+            self._measure(key, lambda: torch.linalg.eigh(s))
+        return self._cache[key]
+
+    def binv(self, b: int, n: int) -> float:
+        """Batched inverse of ``b`` SPD ``n × n`` matrices."""
+        if b <= 0 or n <= 0:
+            return 0.0
+        key = ("binv", b, n)
+        if key not in self._cache:
+            x = self._rand(b, n, n)
+            s = x @ x.transpose(1, 2) + n * torch.eye(n, device=self.device, dtype=self.dtype)
+            self._measure(key, lambda: torch.linalg.inv(s))
+        return self._cache[key]
+
+    def passes(self, numel: int, k: float = 1.0) -> float:
+        """``k`` elementwise read-modify-write passes over ``numel`` elements."""
+        if numel <= 0 or k <= 0:
+            return 0.0
+        size = 1 << max(10, (int(numel) - 1).bit_length())  # cached per power of two
+        key = ("pass", size)
+        if key not in self._cache:
+            a, b = self._rand(size), self._rand(size)
+            self._measure(key, lambda: a.add_(b))
+        return k * self._cache[key] * numel / size
+
+    def summary(self) -> dict[str, float]:
+        """A few headline rates (GFLOP/s of a 512³ GEMM, ms of a 256 eigh, µs per call)."""
+        t = self.gemm(512, 512, 512)
+        return {"gemm512_gflops": 2 * 512**3 / t / 1e9, "eigh256_ms": 1e3 * self.eigh(256),
+                "call_us": 1e6 * self.call, "device": str(self.device)}
+
+
+# ----------------------------------------------------------------------------- methods
+def _every(value: Any, default: int) -> int:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return max(1, value)
+    if isinstance(value, (list, tuple)) and value:  # a schedule: its first frequency
+        first = value[0]
+        return _every(first[-1] if isinstance(first, (list, tuple)) else first, default)
+    return default
+
+
+def settings_of(opt: Any) -> dict[str, Any]:
+    """Schedule settings the model needs, read from a built optimizer."""
+    d = dict(getattr(opt, "defaults", {}) or {})
+    out: dict[str, Any] = {}
+    for key in ("stat_every", "inv_every", "scale_every", "precondition_frequency",
+                "max_preconditioner_dim", "max_precond_dim", "approx", "scalings", "max_block",
+                "linear_block"):
+        v = getattr(opt, key, d.get(key))
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def _kron_stats(r: Rates, s: LayerShape, approx: str) -> float:
+    rows = s.N * (1 if approx == "reduce" else s.T)
+    t = r.gemm(s.m, rows, s.m) + r.call * 3
+    if s.kind == "embedding":
+        return t + r.passes(s.N * s.T)  # bincount of the token ids
+    t += r.gemm(s.n, rows, s.n)
+    if s.T > 1:  # the patch copy (expand) or the patch-sum pass (reduce) over N·T·n inputs
+        t += r.passes(s.N * s.T * (s.n - int(s.bias)))
+    return t
+
+
+def _kron_inverse(r: Rates, s: LayerShape) -> float:
+    return r.eigh(s.m) + (r.passes(s.n) if s.kind == "embedding" else r.eigh(s.n))
+
+
+def _kron_precondition(r: Rates, s: LayerShape) -> float:
+    if s.kind == "embedding":
+        t = r.gemm(s.m, s.m, s.n) * 2
+    else:
+        t = (r.gemm(s.m, s.m, s.n) + r.gemm(s.m, s.n, s.n)) * 2
+    return t + r.passes(s.m * s.n, 3) + CALLS * r.call
+
+
+def _projections(r: Rates, s: LayerShape) -> float:
+    """EKFAC's exact scalings: rows projected into the eigenbasis and per-example products."""
+    rows = s.N * s.T
+    return (r.gemm(rows, s.n, s.n) + r.gemm(rows, s.m, s.m) + r.bmm(s.N, s.m, s.T, s.n)
+            + r.passes(s.N * s.m * s.n, 2))
+
+
+def _shampoo_dims(s: LayerShape, max_dim: int) -> list[tuple[int, int]]:
+    """(rows, cols) blocks of the weight matrix (bias left out: a 1-D parameter)."""
+    rows, cols = s.m, s.n - int(s.bias)
+    if s.kind == "embedding":
+        rows, cols = s.n, s.m
+    out = []
+    for i in range(0, rows, max_dim):
+        for j in range(0, cols, max_dim):
+            out.append((min(max_dim, rows - i), min(max_dim, cols - j)))
+    return out
+
+
+def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates: Rates,
+            params: int) -> dict[str, float] | None:
+    """Predicted seconds per step of each phase the method adds to SGD with momentum
+    (amortised over its schedule), or ``None`` when there is no model for ``name``."""
+    r = rates
+    out = dict.fromkeys(PHASES, 0.0)
+    if name == "sgd":
+        return out
+    if name == "adamw":
+        out["update"] = r.passes(params, 3)  # second moment, sqrt/divide, decoupled decay
+        return out
+    stat = _every(settings.get("stat_every"), 1)
+    inv = _every(settings.get("inv_every"), 1)
+    if name in ("kfac", "ekfac", "tkfac", "tekfac"):
+        approx = settings.get("approx", "expand") if name == "kfac" else "expand"
+        scale = _every(settings.get("scale_every"), stat)
+        for s in shapes:
+            out["statistics"] += _kron_stats(r, s, approx) / stat
+            out["inverse"] += _kron_inverse(r, s) / inv
+            out["precondition"] += _kron_precondition(r, s)
+            if name in ("ekfac", "tekfac") and s.kind != "embedding":
+                out["statistics"] += _projections(r, s) / scale
+            if name in ("tkfac", "tekfac"):  # per-example norms: O(N) extra work
+                out["statistics"] += r.passes(s.N * s.T * (s.m + s.n)) / stat
+        return out
+    if name in ("shampoo", "soap"):
+        freq = _every(settings.get("precondition_frequency"), 1)
+        max_dim = _every(settings.get("max_preconditioner_dim",
+                                      settings.get("max_precond_dim")), 1 << 30)
+        for s in shapes:
+            for a, b in _shampoo_dims(s, max_dim):
+                out["statistics"] += r.gemm(a, b, a) + r.gemm(b, a, b)
+                roots = r.eigh(a) + r.eigh(b) + r.gemm(a, a, a) + r.gemm(b, b, b)
+                out["inverse"] += roots / freq
+                k = 2 if name == "shampoo" else 4  # SOAP: project in and back
+                out["precondition"] += (r.gemm(a, a, b) + r.gemm(a, b, b)) * k / 2
+                out["update"] += r.passes(a * b, 3 if name == "shampoo" else 5)
+            out["precondition"] += CALLS * r.call
+        return out
+    if name == "ngplus":
+        for s in shapes:
+            if s.kind == "embedding":
+                continue
+            out["statistics"] += (r.gemm(s.m, s.N * s.T, s.n) + r.gemm(s.m, s.N * s.n, s.m)) / stat
+            out["inverse"] += r.eigh(s.m) / inv
+            out["precondition"] += r.gemm(s.m, s.m, s.n) + CALLS * r.call
+        return out
+    if name == "mbf" and settings.get("linear_block", "row") == "row":
+        for s in shapes:
+            if s.kind == "embedding":
+                continue
+            b, k = _mini_blocks(s, settings)
+            grads = r.bmm(s.N, s.m, s.T, s.n) if s.T > 1 else r.passes(s.N * s.m * s.n)
+            out["statistics"] += (grads + r.bmm(b, k, s.N, k)) / stat
+            out["inverse"] += r.binv(b, k) / inv
+            out["precondition"] += r.bmm(b, k, k, 1) + CALLS * r.call
+        return out
+    return None
+
+
+def memory_floor(name: str, settings: dict[str, Any], shapes: list[LayerShape],
+                 params: int, bytes_per: int = 4) -> int | None:
+    """Bytes of state the method cannot do without (``None``: no model): SGD's momentum,
+    AdamW's two moments, and for curvature methods their factors/decompositions plus the
+    momentum buffer of their SGD/Adam base step."""
+    if name == "sgd":
+        return params * bytes_per
+    if name == "adamw":
+        return 2 * params * bytes_per
+    total = 0
+    if name in ("kfac", "ekfac", "tkfac", "tekfac"):
+        for s in shapes:
+            n2 = s.n if s.kind == "embedding" else s.n * s.n
+            total += 2 * (s.m * s.m + n2) + s.m * s.n  # factors, eigenbases, scale
+            if name in ("ekfac", "tekfac"):
+                total += s.m * s.n  # corrected scalings
+        return (total + params) * bytes_per
+    if name in ("shampoo", "soap"):
+        max_dim = _every(settings.get("max_preconditioner_dim",
+                                      settings.get("max_precond_dim")), 1 << 30)
+        for s in shapes:
+            for a, b in _shampoo_dims(s, max_dim):
+                total += 2 * (a * a + b * b)
+        return (total + 2 * params) * bytes_per
+    if name == "ngplus":
+        return (sum(2 * s.m * s.m for s in shapes if s.kind != "embedding") + params) * bytes_per
+    if name == "mbf" and settings.get("linear_block", "row") == "row":
+        for s in shapes:
+            if s.kind != "embedding":
+                b, k = _mini_blocks(s, settings)
+                total += 2 * b * k * k  # running blocks and their inverses
+        return (total + params) * bytes_per
+    return None
+
+
+def _mini_blocks(s: LayerShape, settings: dict[str, Any]) -> tuple[int, int]:
+    """MBF's ``(number, size)`` of mini-blocks of a layer: one ``k²`` block per (output,
+    input channel) kernel of a conv; per output row of a Linear the fewest equal chunks of at
+    most ``max_block`` weights (optimizers/mbf.py, ``linear_block="row"``)."""
+    if s.kind == "conv2d":
+        return s.m * s.c_in, s.k2
+    max_block = _every(settings.get("max_block"), 1 << 30)
+    chunks = -(-s.n // max_block)
+    return s.m * chunks, -(-s.n // chunks)
