@@ -99,10 +99,27 @@ def _bce_sum(out: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
 
 
+def _imagenet_data(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    return torch.randn(n, 3, 224, 224, generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+
+def _resnet50() -> nn.Module:
+    from tasks.resnet import build_resnet
+
+    return build_resnet("resnet50", num_classes=1000)
+
+
 MODELS = {
     "small_cnn": BenchModel(SmallCNN, 128, _cnn_data, F.cross_entropy, "cross_entropy"),
     "autoencoder": BenchModel(_ae_model, 250, _ae_data, _bce_sum, "mse"),
+    # torchvision ResNet-50 on a synthetic ImageNet batch (3x224x224, 1000 classes): an
+    # accelerator workload (scripts/gpu_check.sh); on a CPU one step takes seconds
+    "resnet50": BenchModel(_resnet50, 128, _imagenet_data, F.cross_entropy, "cross_entropy"),
 }
+
+
+class BenchError(ValueError):
+    """A bad ``--task``/``--peers`` combination; the message names the flag and the fix."""
 
 
 @dataclass
@@ -115,6 +132,7 @@ class Workload:
     loss: Callable[[nn.Module, Any], Tensor]
     batch_size: int
     spec: BenchModel | None = None  # the --model entry (peers need its separate loss)
+    task: Any = None  # the --task's Task object (its evaluate(), for scripts/gpu_check.py)
 
 
 def model_workload(name: str, batch_size: int | None, seed: int,
@@ -149,12 +167,13 @@ def task_workload(text: str, batch_size: int | None, seed: int,
     name, overrides = parse_variant(text)
     path = CONFIG_DIR / "task" / f"{name}.yaml"
     if not path.exists():
-        raise ValueError(f"--task {name!r} is not valid; valid choices: "
+        raise BenchError(f"--task {name!r} is not valid; valid choices: "
                          + ", ".join(_task_names()))
     cfg = OmegaConf.load(path)
     for key, value in overrides.items():
         if key not in cfg.task:
-            raise ValueError(f"--task {text!r}: task.{key} is not a key of {path.name}")
+            raise BenchError(f"--task {text!r}: task.{key} is not a key of {path.name}; "
+                             f"valid keys: {', '.join(k for k in cfg.task if k != 'name')}")
         cfg.task[key] = value
     resolved = OmegaConf.to_container(cfg, resolve=True)
     task = build_task(resolved["task"])
@@ -168,7 +187,7 @@ def task_workload(text: str, batch_size: int | None, seed: int,
     def loss(model: nn.Module, b: Any) -> Tensor:
         return task.loss(model, b)[0]
 
-    return Workload(text, build, data, loss, batch)
+    return Workload(text, build, data, loss, batch, task=task)
 
 
 # ----------------------------------------------------------------------------- runners
@@ -373,7 +392,7 @@ def _peer_runners(peers: list[str], work: Workload, seed: int) -> list[Runner]:
     import importlib.util
 
     if peers and work.spec is None:
-        raise ValueError("--peers run on --model workloads only (their loss call differs)")
+        raise BenchError("--peers run on --model workloads only (their loss call differs)")
     spec_model = work.spec
     x, y = work.batch if peers else (None, None)
 
@@ -411,9 +430,11 @@ def run_bench(
     device: str = "cpu",
     autocast: str | None = None,
     floor: bool = True,
+    errors: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the benchmark and return ``{name: result}`` (see :func:`main` for the fields).
-    ``task`` (``name[:key=value...]``) replaces ``model`` by a task's tiny flavor."""
+    ``task`` (``name[:key=value...]``) replaces ``model`` by a task's tiny flavor; ``errors``
+    (when given) receives ``{name: message}`` of the optimizers that failed and were dropped."""
     dev = torch.device(device)
     if task is not None:
         work = task_workload(task, batch_size, seed, dev)
@@ -478,6 +499,8 @@ def run_bench(
         bad = next(r for r in runners if r.name == name)
         if bad.error is not None:
             raise RuntimeError(f"baseline {name} failed: {bad.error}")
+    if errors is not None:
+        errors.update({r.name: r.error for r in runners if r.error is not None})
     runners = [r for r in runners if r.error is None]
     mean = {r.name: r.wall / r.steps for r in runners}
     by_name = {r.name: r for r in runners}
@@ -733,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
             ))
         except OptimizerConfigError as exc:
             return fail(f"--optimizers: {exc}")
+        except BenchError as exc:
+            return fail(str(exc))
         except (TaskConfigError, DataNotFoundError) as exc:
             return fail(f"--task {a.task}: {exc}")
     results = combine_repeats(runs)
