@@ -546,8 +546,10 @@ def add_floors(out: dict[str, dict[str, Any]], work: Workload, runners: dict[str
     from . import costmodel
 
     base = runners["sgd"].model
-    shapes = costmodel.layer_shapes(base, lambda: work.loss(base, work.batch))
-    params = sum(p.numel() for p in base.parameters() if p.requires_grad)
+    all_shapes = costmodel.layer_shapes(base, lambda: work.loss(base, work.batch))
+    trainable = [p for p in base.parameters() if p.requires_grad]
+    params = sum(p.numel() for p in trainable)
+    param_shapes = [tuple(p.shape) for p in trainable]
     rates = costmodel.Rates(device)
     sgd = out["sgd"]
     for name, row in out.items():
@@ -556,8 +558,10 @@ def add_floors(out: dict[str, dict[str, Any]], work: Workload, runners: dict[str
             continue
         method = parse_variant(name)[0]
         settings = costmodel.settings_of(r.optimizer)
-        pred = costmodel.predict(method, settings, shapes, rates, params)
-        mem = costmodel.memory_floor(method, settings, shapes, params)
+        registered = getattr(r.optimizer, "layers", None)  # the layers it has blocks for
+        shapes = [s for s in all_shapes if registered is None or s.name in registered]
+        pred = costmodel.predict(method, settings, shapes, rates, params, param_shapes)
+        mem = costmodel.memory_floor(method, settings, shapes, params, param_shapes)
         row["mem_floor_mb"] = None if mem is None else mem / 2**20
         if pred is None:
             row["floor_ratio"] = row["excess_phase"] = None

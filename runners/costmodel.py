@@ -21,6 +21,7 @@ per-unit/shared metric choice per layer is not modelled yet) get no floor.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -216,7 +217,7 @@ def settings_of(opt: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("stat_every", "inv_every", "scale_every", "precondition_frequency",
                 "max_preconditioner_dim", "max_precond_dim", "approx", "scalings", "max_block",
-                "linear_block"):
+                "linear_block", "precondition_1d"):
         v = getattr(opt, key, d.get(key))
         if v is not None:
             out[key] = v
@@ -253,22 +254,40 @@ def _projections(r: Rates, s: LayerShape) -> float:
             + r.passes(s.N * s.m * s.n, 2))
 
 
-def _shampoo_dims(s: LayerShape, max_dim: int) -> list[tuple[int, int]]:
-    """(rows, cols) blocks of the weight matrix (bias left out: a 1-D parameter)."""
-    rows, cols = s.m, s.n - int(s.bias)
-    if s.kind == "embedding":
-        rows, cols = s.n, s.m
-    out = []
-    for i in range(0, rows, max_dim):
-        for j in range(0, cols, max_dim):
-            out.append((min(max_dim, rows - i), min(max_dim, cols - j)))
+def _tensor_blocks(name: str, settings: dict[str, Any],
+                   param_shapes: list[tuple[int, ...]] | None) -> list[tuple[int, tuple]]:
+    """``(count, dims)`` of the preconditioned blocks of Shampoo (optimizers/shampoo.py's own
+    dim merging and blocking) or SOAP (one factor per dim up to ``max_precond_dim``, 1-D
+    parameters left out, the default ``merge_dims=False``)."""
+    from optimizers.shampoo import _block_slices, merge_dims
+
+    out: list[tuple[int, tuple]] = []
+    for shape in param_shapes or []:
+        if name == "shampoo":
+            max_dim = _every(settings.get("max_preconditioner_dim"), 1 << 30)
+            merged = merge_dims(tuple(shape), max_dim)
+            if len(shape) <= 1 and not settings.get("precondition_1d"):
+                continue
+            by: dict[tuple, int] = {}
+            for sl in _block_slices(merged, max_dim):
+                dims = tuple(x.stop - x.start for x in sl)
+                by[dims] = by.get(dims, 0) + 1
+            out += [(c, d) for d, c in by.items()]
+        else:
+            max_dim = _every(settings.get("max_precond_dim"), 1 << 30)
+            if len(shape) <= 1 and not settings.get("precondition_1d"):
+                continue
+            out.append((1, tuple(d if d <= max_dim else 1 for d in shape)))
     return out
 
 
 def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates: Rates,
-            params: int) -> dict[str, float] | None:
+            params: int, param_shapes: list[tuple[int, ...]] | None = None
+            ) -> dict[str, float] | None:
     """Predicted seconds per step of each phase the method adds to SGD with momentum
-    (amortised over its schedule), or ``None`` when there is no model for ``name``."""
+    (amortised over its schedule), or ``None`` when there is no model for ``name``.
+    ``shapes``: the layers the method registers; ``param_shapes``: every trainable
+    parameter's shape (Shampoo and SOAP precondition parameters, not layers)."""
     r = rates
     out = dict.fromkeys(PHASES, 0.0)
     if name == "sgd":
@@ -292,16 +311,17 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
         return out
     if name in ("shampoo", "soap"):
         freq = _every(settings.get("precondition_frequency"), 1)
-        max_dim = _every(settings.get("max_preconditioner_dim",
-                                      settings.get("max_precond_dim")), 1 << 30)
-        for s in shapes:
-            for a, b in _shampoo_dims(s, max_dim):
-                out["statistics"] += r.gemm(a, b, a) + r.gemm(b, a, b)
-                roots = r.eigh(a) + r.eigh(b) + r.gemm(a, a, a) + r.gemm(b, b, b)
-                out["inverse"] += roots / freq
-                k = 2 if name == "shampoo" else 4  # SOAP: project in and back
-                out["precondition"] += (r.gemm(a, a, b) + r.gemm(a, b, b)) * k / 2
-                out["update"] += r.passes(a * b, 3 if name == "shampoo" else 5)
+        k = 1 if name == "shampoo" else 2  # SOAP: project in and back
+        for count, dims in _tensor_blocks(name, settings, param_shapes):
+            numel = math.prod(dims)
+            for d in dims:
+                if d <= 1:
+                    continue
+                rest = numel // d
+                out["statistics"] += count * r.gemm(d, rest, d)
+                out["inverse"] += count * (r.eigh(d) + r.gemm(d, d, d)) / freq
+                out["precondition"] += count * k * r.gemm(d, d, rest)
+            out["update"] += r.passes(count * numel, 3 if name == "shampoo" else 5)
             out["precondition"] += CALLS * r.call
         return out
     if name == "ngplus":
@@ -326,7 +346,8 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
 
 
 def memory_floor(name: str, settings: dict[str, Any], shapes: list[LayerShape],
-                 params: int, bytes_per: int = 4) -> int | None:
+                 params: int, param_shapes: list[tuple[int, ...]] | None = None,
+                 bytes_per: int = 4) -> int | None:
     """Bytes of state the method cannot do without (``None``: no model): SGD's momentum,
     AdamW's two moments, and for curvature methods their factors/decompositions plus the
     momentum buffer of their SGD/Adam base step."""
@@ -338,19 +359,19 @@ def memory_floor(name: str, settings: dict[str, Any], shapes: list[LayerShape],
     if name in ("kfac", "ekfac", "tkfac", "tekfac"):
         for s in shapes:
             n2 = s.n if s.kind == "embedding" else s.n * s.n
-            total += 2 * (s.m * s.m + n2) + s.m * s.n  # factors, eigenbases, scale
+            total += 2 * (s.m * s.m + n2)  # factors and their eigenbases (or inverses)
+            if name in ("kfac", "ekfac", "tekfac"):
+                total += s.m * s.n  # the precomputed 1/(T·d_G d_Aᵀ + λ) of the eigen form
             if name in ("ekfac", "tekfac"):
-                total += s.m * s.n  # corrected scalings
+                total += s.m * s.n  # the corrected scalings
         return (total + params) * bytes_per
     if name in ("shampoo", "soap"):
-        max_dim = _every(settings.get("max_preconditioner_dim",
-                                      settings.get("max_precond_dim")), 1 << 30)
-        for s in shapes:
-            for a, b in _shampoo_dims(s, max_dim):
-                total += 2 * (a * a + b * b)
-        return (total + 2 * params) * bytes_per
-    if name == "ngplus":
-        return (sum(2 * s.m * s.m for s in shapes if s.kind != "embedding") + params) * bytes_per
+        for count, dims in _tensor_blocks(name, settings, param_shapes):
+            total += count * sum(2 * d * d for d in dims if d > 1)  # factors and roots/bases
+        return (total + 2 * params) * bytes_per  # + grafting/Adam second moment, momentum
+    if name == "ngplus":  # an m×m factor and its inverse, or the N·T-sized SMW kernel
+        return (sum(2 * min(s.m, s.N * s.T) ** 2 for s in shapes if s.kind != "embedding")
+                + params) * bytes_per
     if name == "mbf" and settings.get("linear_block", "row") == "row":
         for s in shapes:
             if s.kind != "embedding":
