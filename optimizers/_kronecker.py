@@ -105,7 +105,11 @@ class KroneckerBlock(CurvatureBlock):
         per-example gradient ``Σ_r g_{n,r} āᵀ = ĝ_n âᵀ``); the Gram products run over ``N``
         rows instead of expand's ``N·R``, so the statistics cost ~1/R of expand's (the patch
         means are sums over a strided view).  An embedding keeps expand (diagonal ``A``)."""
-        x, gs, locations = self.layer.reduced_rows(a, g)
+        self._accumulate_reduced(*self.layer.reduced_rows(a, g))
+
+    def _accumulate_reduced(self, x: Tensor, gs: Tensor, locations: int) -> None:
+        """Batch sums of K-FAC-reduce from the per-example mean inputs ``x`` (``(N, n-1)``)
+        and summed output gradients ``gs`` (``(N, m)``) over ``locations`` positions."""
         n = gs.shape[0]
         tokens = self.layer.loss_average == "tokens" and locations > 1
         gt = gs.t().to(self.stat_dtype)
@@ -118,6 +122,10 @@ class KroneckerBlock(CurvatureBlock):
         """Accumulate the batch sums of ``A`` and ``G`` from the raw hook values (``raw_*``:
         the helper's ``input_gram`` / ``output_gram``, chunked for convs) or from input rows
         ``(N, T, n-1)`` and output rows ``(N, T, m)``."""
+        if self.approx == "reduce" and not self.diagonal and not (raw_a or raw_g):
+            # rows (N, T, n-1) and scaled output rows (N, T, m), e.g. from EKFAC's chunks
+            self._accumulate_reduced(a.mean(1), g.sum(1), a.shape[1])
+            return
         if raw_g:  # the hook's value: the helper scales and sums it (conv: chunked)
             g_sum, rows, examples = self.layer.output_gram(g, dtype=self.stat_dtype)
             self.accumulate("G", g_sum, rows=rows, examples=examples)

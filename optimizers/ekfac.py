@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ._eigencorrect import EigenCorrectedOptimizer, EigenCorrection, StepFlags
-from ._kronecker import KroneckerBlock
+from ._kronecker import KroneckerBlock, check_approx
 from ._layers import LayerHelper
 from .base import CurvatureOptimizer, Schedule, curvature_factory
 from .registry import OptimizerSpec, register
@@ -61,8 +61,9 @@ class EKFACBlock(EigenCorrection, KroneckerBlock):
         scale_decay: float = 0.95,
         projection_dtype: str = "auto",
         flags: StepFlags | None = None,
+        approx: str = "expand",
     ) -> None:
-        KroneckerBlock.__init__(self, layer, damping_form="eigen")
+        KroneckerBlock.__init__(self, layer, damping_form="eigen", approx=approx)
         self.init_correction(
             scalings=scalings,
             scale_decay=scale_decay,
@@ -112,13 +113,16 @@ class EKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
         scale_every: Schedule | None = None,
         scale_decay: float = 0.95,
         projection_dtype: str = "auto",
+        approx: str = "expand",
         **kwargs,
     ) -> None:
+        check_approx(approx)
+        self.approx = approx  # factors as K-FAC's (optimizers/kfac.py); scalings stay exact
         self.init_scalings(scalings, scale_every, scale_decay, projection_dtype)
         super().__init__(model, **kwargs)
 
     def make_block(self, layer: LayerHelper) -> EKFACBlock:
-        return EKFACBlock(layer, **self.correction_options())
+        return EKFACBlock(layer, approx=self.approx, **self.correction_options())
 
 
 build_ekfac = curvature_factory(EKFAC, "ekfac")

@@ -132,6 +132,25 @@ def test_reduce_tokens_average_scales_by_one_over_R():
     assert opt.blocks["head"].factors()[2] == pytest.approx(1.0)  # no sharing: expand == reduce
 
 
+@pytest.mark.parametrize("net", [SeqNet, ConvNet])
+def test_ekfac_reduce_factors_equal_kfac_reduce(net):
+    """EKFAC builds its factors from input-row chunks (not the raw hook values): the same
+    K-FAC-reduce ``A``, ``G``, ``T`` must come out, and its eigenvalues reset to them."""
+    model = net().to(DT)
+    x = torch.randn(4, 4, 3, dtype=DT) if net is SeqNet else torch.randn(4, 2, 5, 5, dtype=DT)
+    y = torch.randint(0, 3, (4,))
+    ref = _one_step(model, x, y, "reduce")
+    opt = build_optimizer("ekfac", model, lr=0.0, momentum=0.0, kl_clip=None, stat_every=1,
+                          inv_every=1, damping=LAM, approx="reduce")
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for name, block in opt.blocks.items():
+        for got, want in zip(block.factors(), ref.blocks[name].factors(), strict=True):
+            torch.testing.assert_close(got, want)
+        torch.testing.assert_close(block.kfac_eigenvalues(), block.tensors["s"])
+
+
 def test_reduce_trains_and_rejects_a_bad_value():
     model = ConvNet()
     x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 3, (8,))
