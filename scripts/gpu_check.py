@@ -29,8 +29,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -162,14 +164,14 @@ def ratios(model: str, *, device: torch.device, autocast: str | None, dry: bool,
             "seconds": time.perf_counter() - t0, "dry_run_model": "resnet20" if dry else None}
 
 
-def loop_run(task: str, device: str, out: Path, budget: Budget, timeout: float) -> dict:
+def loop_run(task: str, device: str, runs: Path, budget: Budget, timeout: float) -> dict:
     row: dict[str, Any] = {"task": task, "optimizer": "kfac"}
     if budget.left() < 0:
         row["status"] = "skipped (time budget)"
         return row
     name, over = bench.parse_variant(task)
     cmd = [sys.executable, "-m", "runners.cli", "train", f"task={name}", "optimizer=kfac",
-           "debug=smoke", f"train.device={device}", f"runs_root={out / 'runs'}",
+           "debug=smoke", f"train.device={device}", f"runs_root={runs}",
            *(f"task.{k}={v}" for k, v in over.items())]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
@@ -321,10 +323,14 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     if "loop" in sections:
         report["loop"] = []
-        for t in tasks:
-            report["loop"].append(loop_run(t, device.type, out, budget, 120.0))
-            report["elapsed_s"] = budget.elapsed()
-            write(report, out)
+        runs = Path(tempfile.mkdtemp(prefix="gpu_check_runs_"))  # run folders, checkpoints
+        try:
+            for t in tasks:
+                report["loop"].append(loop_run(t, device.type, runs, budget, 120.0))
+                report["elapsed_s"] = budget.elapsed()
+                write(report, out)
+        finally:
+            shutil.rmtree(runs, ignore_errors=True)
     report["elapsed_s"] = budget.elapsed()
     write(report, out)
     print(markdown(report))
