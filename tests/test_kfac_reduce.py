@@ -165,3 +165,30 @@ def test_reduce_trains_and_rejects_a_bad_value():
     assert float(loss) < first
     with pytest.raises(ValueError, match="optimizer.approx must be one of expand, reduce"):
         build_optimizer("kfac", ConvNet(), approx="sum")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(padding=1, stride=2), dict(padding=0), dict(padding=2, dilation=2, stride=3),
+     dict(padding="same", dilation=2), dict(padding=1, padding_mode="reflect"),
+     dict(padding=3, stride=4, kernel_size=2)],
+)
+def test_conv_reduced_rows_equal_mean_patch(kw):
+    """The separable patch sums (zero padding clipped, not copied) equal unfold's mean patch."""
+    from optimizers._layers import Conv2dHelper
+
+    conv = nn.Conv2d(3, 4, **{"kernel_size": 3, **kw}).to(DT)
+    x = torch.randn(2, 3, 7, 6, dtype=DT)
+    out = conv(x)
+    padded = conv._reversed_padding_repeated_twice if kw.get("padding") == "same" else None
+    if kw.get("padding_mode", "zeros") != "zeros" or padded is not None:
+        mode = "constant" if kw.get("padding_mode", "zeros") == "zeros" else kw["padding_mode"]
+        xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        ref = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    else:
+        ref = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                       stride=conv.stride)
+    a_hat, g_hat, locations = Conv2dHelper("c", conv).reduced_rows(x, torch.ones_like(out))
+    assert locations == out.shape[2] * out.shape[3] == ref.shape[2]
+    torch.testing.assert_close(a_hat, ref.mean(2))
+    torch.testing.assert_close(g_hat, torch.full((2, 4), 2.0 * locations, dtype=DT))
