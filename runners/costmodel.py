@@ -230,7 +230,9 @@ def _kron_stats(r: Rates, s: LayerShape, approx: str) -> float:
     if s.kind == "embedding":
         return t + r.passes(s.N * s.T)  # bincount of the token ids
     t += r.gemm(s.n, rows, s.n)
-    if s.T > 1:  # the patch copy (expand) or the patch-sum pass (reduce) over N·T·n inputs
+    if s.T > 1 and approx == "reduce":  # separable patch sums: ~kh row sums per output row
+        t += r.passes(s.N * s.T * s.c_in * max(1, math.isqrt(s.k2)))
+    elif s.T > 1:  # the patch copy behind the Gram over N·T rows
         t += r.passes(s.N * s.T * (s.n - int(s.bias)))
     return t
 
