@@ -49,9 +49,12 @@ from ._linalg import gram as _gram
 from ._linalg import safe_eigh, safe_inv
 from .base import CurvatureBlock
 
-__all__ = ["DAMPING_FORMS", "KroneckerBlock"]
+__all__ = ["APPROXES", "DAMPING_FORMS", "KroneckerBlock"]
 
 DAMPING_FORMS = ("eigen", "factored_tikhonov", "inverse")
+#: how a layer that shares its weight over locations (conv pixels, sequence tokens) is
+#: factored: ``expand`` (locations as extra samples, KFC) or ``reduce`` (Eschenhagen et al. 2023)
+APPROXES = ("expand", "reduce")
 
 _DERIVED = ("dA", "QA", "dG", "QG", "scale", "Ainv", "Ginv")
 
@@ -65,13 +68,16 @@ class KroneckerBlock(CurvatureBlock):
         *,
         damping_form: str = "eigen",
         pi_correction: bool = True,
+        approx: str = "expand",
     ) -> None:
         if damping_form not in DAMPING_FORMS:
             raise ValueError(
                 f"optimizer.damping_form must be one of {', '.join(DAMPING_FORMS)}, "
                 f"got {damping_form!r}"
             )
+        check_approx(approx)
         super().__init__(layer)
+        self.approx = approx
         self.damping_form = damping_form
         self.pi_correction = bool(pi_correction)
         self.diagonal = layer.diagonal_input
@@ -86,12 +92,45 @@ class KroneckerBlock(CurvatureBlock):
     statistic_keys = frozenset({"A", "G", "T"})
 
     def update_stats(self, a: Tensor, g: Tensor) -> None:
-        self.add_factor_stats(a, g, raw_a=self.raw_input, raw_g=self.raw_output)
+        if self.approx == "reduce" and not self.diagonal:
+            self.add_reduced_stats(a, g)
+        else:
+            self.add_factor_stats(a, g, raw_a=self.raw_input, raw_g=self.raw_output)
+
+    def add_reduced_stats(self, a: Tensor, g: Tensor) -> None:
+        """K-FAC-reduce (Eschenhagen et al., NeurIPS 2023, "Kronecker-Factored Approximate
+        Curvature for Modern Neural Network Architectures"): the weight-sharing dimension is
+        summed *before* the outer products, per example ``n`` with ``R`` locations::
+
+            â_n = (1/R) Σ_r ā_{n,r},   ĝ_n = Σ_r g_{n,r},
+            A = 1/N Σ_n â_n â_nᵀ,       G = 1/N Σ_n ĝ_n ĝ_nᵀ,   F ≈ T · A ⊗ G,
+
+        ``T = 1`` (``loss_average="batch"``) or ``1/R`` (``"tokens"``: the loss is a mean over
+        ``N·R`` terms).  Exact where the inputs do not vary over the locations (then the
+        per-example gradient ``Σ_r g_{n,r} āᵀ = ĝ_n âᵀ``); the Gram products run over ``N``
+        rows instead of expand's ``N·R``, so the statistics cost ~1/R of expand's (the patch
+        means are sums over a strided view).  An embedding keeps expand (diagonal ``A``)."""
+        self._accumulate_reduced(*self.layer.reduced_rows(a, g))
+
+    def _accumulate_reduced(self, x: Tensor, gs: Tensor, locations: int) -> None:
+        """Batch sums of K-FAC-reduce from the per-example mean inputs ``x`` (``(N, n-1)``)
+        and summed output gradients ``gs`` (``(N, m)``) over ``locations`` positions."""
+        n = gs.shape[0]
+        tokens = self.layer.loss_average == "tokens" and locations > 1
+        gt = gs.t().to(self.stat_dtype)
+        self.accumulate("G", _gram(gt), rows=n, examples=n * locations if tokens else n)
+        xt = x.t().to(self.stat_dtype)
+        a0 = _gram(xt)
+        self.accumulate("A", bias_bordered(a0, xt.sum(1), n) if self.layer.has_bias else a0)
 
     def add_factor_stats(self, a: Tensor, g: Tensor, *, raw_a: bool, raw_g: bool) -> None:
         """Accumulate the batch sums of ``A`` and ``G`` from the raw hook values (``raw_*``:
         the helper's ``input_gram`` / ``output_gram``, chunked for convs) or from input rows
         ``(N, T, n-1)`` and output rows ``(N, T, m)``."""
+        if self.approx == "reduce" and not self.diagonal and not (raw_a or raw_g):
+            # rows (N, T, n-1) and scaled output rows (N, T, m), e.g. from EKFAC's chunks
+            self._accumulate_reduced(a.mean(1), g.sum(1), a.shape[1])
+            return
         if raw_g:  # the hook's value: the helper scales and sums it (conv: chunked)
             g_sum, rows, examples = self.layer.output_gram(g, dtype=self.stat_dtype)
             self.accumulate("G", g_sum, rows=rows, examples=examples)
@@ -225,6 +264,13 @@ class KroneckerBlock(CurvatureBlock):
         if self.diagonal:
             inv_a = torch.diag(inv_a)
         return T * torch.kron(torch.linalg.inv(inv_g), torch.linalg.inv(inv_a))
+
+
+def check_approx(approx: str) -> None:
+    if approx not in APPROXES:
+        raise ValueError(
+            f"optimizer.approx must be one of {', '.join(APPROXES)}, got {approx!r}"
+        )
 
 
 def bias_bordered(a0: Tensor, s: Tensor, total: Tensor | float) -> Tensor:

@@ -108,6 +108,14 @@ class LayerHelper:
         xt = x.reshape(-1, x.shape[-1]).t().to(dtype)
         return gram(xt), xt.sum(1), xt.shape[1]
 
+    def reduced_rows(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
+        """K-FAC-reduce (Eschenhagen et al., NeurIPS 2023): ``(x̂, ĝ, R)`` with
+        ``x̂_n = (1/R) Σ_r x_{n,r}`` the per-example *mean* input (``(N, n-1)``, bias column
+        left out), ``ĝ_n = Σ_r g_{n,r}`` the per-example *sum* of the scaled output gradients
+        (``(N, m)``), from the raw module input ``a`` and the raw hook value ``g``; ``R`` is the
+        number of locations (tokens) that share the weight per example."""
+        raise NotImplementedError(f"{type(self).__name__} has no K-FAC-reduce rows")
+
     def example_chunks(
         self, a: Tensor, g: Tensor, *, elements: int
     ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -206,6 +214,17 @@ class LinearHelper(LayerHelper):
         rows = self._rows(g.detach())
         return rows * self.grad_multiplier(g) if scaled else rows
 
+    def reduced_rows(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
+        """As :meth:`LayerHelper.reduced_rows`; the locations are every dim between the first
+        (examples) and the last (features), whatever ``loss_average`` says."""
+        x, gd = a.detach(), g.detach()
+        if x.dim() <= 2:
+            mult = self.grad_multiplier(g)
+            return x.reshape(-1, x.shape[-1]), gd.reshape(-1, gd.shape[-1]) * mult, 1
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        gs = gd.reshape(gd.shape[0], -1, gd.shape[-1]).sum(1)
+        return x.mean(1), gs * self.grad_multiplier(g), x.shape[1]
+
 
 def _batched(x: Tensor) -> Tensor:
     """A conv's detached input or output gradient with its batch dimension (an unbatched
@@ -263,25 +282,33 @@ class Conv2dHelper(LayerHelper):
         ``(N, C·kh·kw, T)`` intermediate and its transpose (measured 1.2-1.8x faster on CPU for
         the small CNN's convs).  Columns in ``weight.view(C_out, -1)`` order; padding modes
         other than zeros and ``padding="same"`` go through an explicit ``F.pad``."""
+        c, kh, kw, n, ho, wo = (view := self._patch_view(a)).shape
+        return view.reshape(c * kh * kw, n * ho * wo)
+
+    def _padded(self, a: Tensor) -> Tensor:
+        """The batched input with the module's padding applied (``a`` itself without any)."""
         m = self.module
         if self._explicit_pad:
             mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = F.pad(a, self._pad, mode=mode)
-        elif any(self._sym_pad):
+            return F.pad(a, self._pad, mode=mode)
+        if any(self._sym_pad):
             ph, pw = self._sym_pad
-            x = F.pad(a, (pw, pw, ph, ph))
-        else:
-            x = a
+            return F.pad(a, (pw, pw, ph, ph))
+        return a
+
+    def _patch_view(self, a: Tensor) -> Tensor:
+        """``(C_in, kh, kw, N, Ho, Wo)``: a strided view of the (padded) input, no copy."""
+        m = self.module
+        x = self._padded(a)
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
         n, c = x.shape[:2]
         ho, wo = self._out_hw(*a.shape[-2:])
         s_n, s_c, s_h, s_w = x.stride()
-        view = x.as_strided(
+        return x.as_strided(
             (c, kh, kw, n, ho, wo),
             (s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw),
             x.storage_offset(),
         )
-        return view.reshape(c * kh * kw, n * ho * wo)
 
     def input_rows(self, a: Tensor, *, homogeneous: bool = True) -> Tensor:
         a = _batched(a)
@@ -293,6 +320,36 @@ class Conv2dHelper(LayerHelper):
         g = _batched(g)
         rows = g.flatten(2).transpose(1, 2)  # (N, T, C_out)
         return rows * float(g.shape[0]) if scaled else rows
+
+    def reduced_rows(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, int]:
+        """As :meth:`LayerHelper.reduced_rows`, ``ĝ`` a spatial sum.  The patch sum is
+        separable: per kernel row ``i`` the input rows ``i·dh + sh·t`` are summed (a strided
+        slice with a contiguous inner dim), then per kernel column the same along the width,
+        so no patch matrix is built (measured ~3x faster on CPU than reducing the 6-d strided
+        patch view, whose innermost stride is not 1)."""
+        a, gb = _batched(a), _batched(g)
+        m = self.module
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        ho, wo = self._out_hw(*a.shape[-2:])
+        if m.padding_mode == "zeros":  # zero padding adds nothing: clip the ranges instead
+            x, (left, _, top, _) = a, self._pad_amounts()
+        else:
+            x, left, top = self._padded(a), 0, 0
+        rows = torch.stack(
+            [_strided_sum(x, 2, i * dh - top, sh, ho) for i in range(kh)], 2
+        )  # (N, C, kh, W)
+        cols = torch.stack(
+            [_strided_sum(rows, 3, j * dw - left, sw, wo) for j in range(kw)], -1
+        )  # (N, C, kh, kw): the patch sums in weight.view(C_out, -1) order
+        x_mean = cols.reshape(x.shape[0], -1) / (ho * wo)
+        return x_mean, gb.sum((2, 3)) * self.grad_multiplier(gb), ho * wo
+
+    def _pad_amounts(self) -> tuple[int, int, int, int]:
+        """``(left, right, top, bottom)`` padding of the input."""
+        if self._explicit_pad:
+            return tuple(int(p) for p in self._pad)  # type: ignore[return-value]
+        ph, pw = self.module.padding
+        return pw, pw, ph, ph
 
     def grad_multiplier(self, g: Tensor) -> float:
         return float(g.shape[0]) if g.dim() == 4 else 1.0
@@ -335,6 +392,22 @@ class Conv2dHelper(LayerHelper):
             colsum += xt.sum(1)
             rows += xt.shape[1]
         return complete_gram_(acc), colsum, rows
+
+
+def _strided_sum(x: Tensor, dim: int, start: int, step: int, count: int) -> Tensor:
+    """``Σ_t x[..., start + step·t, ...]`` over ``t < count`` along ``dim``, positions outside
+    ``[0, x.shape[dim])`` counting as zeros (the zero padding)."""
+    size = x.shape[dim]
+    first = -(start // step) if start < 0 else 0  # first t with start + step·t >= 0
+    last = min(count - 1, (size - 1 - start) // step)  # last t with start + step·t < size
+    if last < first:
+        shape = list(x.shape)
+        del shape[dim]
+        return x.new_zeros(shape)
+    lo = start + step * first
+    return x.narrow(dim, lo, step * (last - first) + 1)[
+        (slice(None),) * dim + (slice(None, None, step),)
+    ].sum(dim)
 
 
 class EmbeddingHelper(LayerHelper):

@@ -38,8 +38,12 @@ Choices (explicit options, defaults first):
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
 from ._eigencorrect import EigenCorrectedBlock, EigenCorrectedOptimizer
-from ._kronecker import KroneckerBlock
+from ._kronecker import KroneckerBlock, check_approx
 from ._layers import LayerHelper
 from .base import curvature_factory
 from .registry import OptimizerSpec, register
@@ -50,8 +54,13 @@ __all__ = ["EKFAC", "build_ekfac"]
 class EKFAC(EigenCorrectedOptimizer):
     """EKFAC (see the module docstring): eigenvalue-corrected K-FAC factors, ``D = λ``."""
 
+    def __init__(self, model: nn.Module, *, approx: str = "expand", **kwargs: Any) -> None:
+        check_approx(approx)
+        self.approx = approx  # factors as K-FAC's (optimizers/kfac.py); scalings stay exact
+        super().__init__(model, **kwargs)
+
     def make_block(self, layer: LayerHelper) -> EigenCorrectedBlock:
-        return self.corrected(KroneckerBlock(layer))
+        return self.corrected(KroneckerBlock(layer, approx=self.approx))
 
 
 build_ekfac = curvature_factory(EKFAC, "ekfac")

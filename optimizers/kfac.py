@@ -21,6 +21,11 @@ Defaults and why:
   ``N²``-smaller ``G``, i.e. on much larger ``⟨P, ∇⟩``, so the same number would clip our
   steps far more often than theirs; 1e-2 keeps the clip as a safety net that mostly bites in
   the first steps and after refreshes with a small ``G`` (EF late in training).
+* ``approx="expand"`` — conv locations (and the tokens of a Linear applied over a sequence)
+  count as extra samples (KFC, Grosse & Martens 2016).  ``"reduce"`` is K-FAC-reduce
+  (Eschenhagen et al., NeurIPS 2023): inputs averaged and output gradients summed over the
+  locations before the outer products, the same Kronecker structure at ~1/T of the statistics
+  cost (see :meth:`KroneckerBlock.add_reduced_stats`).  Embeddings keep expand.
 * ``stat_every=10``, ``inv_every=100``, ``stat_decay=0.95`` — the ImageNet preset of
   kfac-pytorch; factors start from the first batch value (no bias towards the identity).
 """
@@ -31,7 +36,7 @@ from typing import Any
 
 from torch import nn
 
-from ._kronecker import DAMPING_FORMS, KroneckerBlock
+from ._kronecker import DAMPING_FORMS, KroneckerBlock, check_approx
 from ._layers import LayerHelper
 from .base import CurvatureOptimizer, curvature_factory
 from .registry import OptimizerSpec, register
@@ -48,8 +53,11 @@ class KFAC(CurvatureOptimizer):
         *,
         damping_form: str = "eigen",
         pi_correction: bool = True,
+        approx: str = "expand",
         **kwargs: Any,
     ) -> None:
+        check_approx(approx)
+        self.approx = approx
         if damping_form not in DAMPING_FORMS:
             raise ValueError(
                 f"optimizer.damping_form must be one of {', '.join(DAMPING_FORMS)}, "
@@ -61,7 +69,10 @@ class KFAC(CurvatureOptimizer):
 
     def make_block(self, layer: LayerHelper) -> KroneckerBlock:
         return KroneckerBlock(
-            layer, damping_form=self.damping_form, pi_correction=self.pi_correction
+            layer,
+            damping_form=self.damping_form,
+            pi_correction=self.pi_correction,
+            approx=self.approx,
         )
 
 

@@ -238,7 +238,8 @@ class MBFBlock(CurvatureBlock):
         if self.shared:
             self.ema("A", sums["A"] / rows, decay)
             self.ema("S", sums["S"] / rows, decay)
-            self.ema("T", torch.tensor(rows / examples, dtype=self.dtype), decay)
+            t = torch.tensor(rows / examples, dtype=self.dtype, device=self.device)
+            self.ema("T", t, decay)
             return
         self.ema("F", sums["F"] / examples, decay)
         if "D" in sums:
@@ -293,14 +294,14 @@ class MBFBlock(CurvatureBlock):
         m, n = self.layer.out_dim, self.layer.in_dim
         if self.shared:
             S, A, T = self.tensors["S"], self.tensors["A"], float(self.tensors["T"])
-            eye = torch.eye(m * n, dtype=A.dtype)
+            eye = torch.eye(m * n, dtype=A.dtype, device=A.device)
             blocks: Tensor = torch.block_diag(*[T * s * A for s in S])
             return blocks + damping * eye
         lay = self.layout
         F = self.tensors["F"]
-        idx = torch.arange(m * n, dtype=torch.float64).reshape(m, n)
+        idx = torch.arange(m * n, dtype=torch.float64, device=F.device).reshape(m, n)
         pos = lay.to_blocks(idx + 1).long() - 1  # -1 marks padding
-        dense = torch.zeros(m * n, m * n, dtype=F.dtype)
+        dense = torch.zeros(m * n, m * n, dtype=F.dtype, device=F.device)
         for blk in range(lay.blocks):
             keep = pos[blk] >= 0
             ix = pos[blk][keep]
@@ -308,7 +309,7 @@ class MBFBlock(CurvatureBlock):
         if lay.diag_last:
             ix = idx[:, -1].long()
             dense[ix, ix] = self.tensors["D"]
-        return dense + damping * torch.eye(m * n, dtype=F.dtype)
+        return dense + damping * torch.eye(m * n, dtype=F.dtype, device=F.device)
 
 
 class MBF(CurvatureOptimizer):

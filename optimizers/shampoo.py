@@ -119,14 +119,14 @@ def matrix_inverse_root(
     Returns ``(roots, ok)`` where ``ok[j]`` is False for matrices whose root could not be computed
     (their entry in ``roots`` is then meaningless).
     """
-    ok = torch.ones(h.shape[0], dtype=torch.bool)
+    ok = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     try:
         lam, q = torch.linalg.eigh(h)
         if not (torch.isfinite(lam).all() and torch.isfinite(q).all()):
             raise torch.linalg.LinAlgError("non-finite eigendecomposition")
     except (RuntimeError, torch.linalg.LinAlgError):
-        lam = torch.empty(h.shape[:-1], dtype=torch.float64)
-        q = torch.empty(h.shape, dtype=torch.float64)
+        lam = torch.empty(h.shape[:-1], dtype=torch.float64, device=h.device)
+        q = torch.empty(h.shape, dtype=torch.float64, device=h.device)
         for j in range(h.shape[0]):  # float64 retry, one matrix at a time to isolate failures
             try:
                 lam_j, q_j = torch.linalg.eigh(h[j].double())
@@ -137,7 +137,7 @@ def matrix_inverse_root(
                 lam[j], q[j] = lam_j, q_j
             else:
                 ok[j] = False
-                lam[j], q[j] = 1.0, torch.eye(h.shape[-1], dtype=torch.float64)
+                lam[j], q[j] = 1.0, torch.eye(h.shape[-1], dtype=torch.float64, device=h.device)
     lam_min = lam.amin(dim=-1, keepdim=True)
     lam = lam - lam_min.clamp(max=0.0) + epsilon
     roots = (q * lam.pow(exponent).unsqueeze(-2)) @ q.mT

@@ -79,7 +79,8 @@ def merge_dims_front(shape: tuple[int, ...] | torch.Size, max_dim: int) -> tuple
 def _eigenbasis(gg: torch.Tensor) -> torch.Tensor:
     """Eigenvectors of the symmetric ``gg``, by descending eigenvalue (float64 retry)."""
     try:
-        _, q = torch.linalg.eigh(gg + 1e-30 * torch.eye(gg.shape[0], dtype=gg.dtype))
+        eye = torch.eye(gg.shape[0], dtype=gg.dtype, device=gg.device)
+        _, q = torch.linalg.eigh(gg + 1e-30 * eye)
     except (RuntimeError, torch.linalg.LinAlgError):
         _, q = torch.linalg.eigh(gg.double())
         q = q.to(gg.dtype)

@@ -10,7 +10,14 @@ interleaved in rounds of ``--chunk`` steps so that load changes on a shared mach
 ``--repeat N`` repeats the whole measurement with fresh models and reports the median of the N
 means (each still includes the refreshes) with the range of the ratios to SGD.
 
+``--task NAME[:key=value...]`` benchmarks a task's tiny flavor instead (its real model, loss
+and first training batch: autoencoder, resnet, transformer, schnet, recommender with
+``:model=dlrm`` for DLRM); ``--device``/``--autocast`` run it on an accelerator.  Every row also
+gets the predicted floor of :mod:`runners.costmodel` (``floor_ratio``, ``excess_phase``) and the
+optimizer's state memory beside SGD's momentum and AdamW's moments.
+
     ngbench bench --model small_cnn --optimizers sgd,adamw,kfac --peers asdl,pytorch_optimizer
+    ngbench bench --task transformer --optimizers kfac,kfac:approx=reduce,shampoo
 """
 
 from __future__ import annotations
@@ -92,10 +99,95 @@ def _bce_sum(out: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
 
 
+def _imagenet_data(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    return torch.randn(n, 3, 224, 224, generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+
+def _resnet50() -> nn.Module:
+    from tasks.resnet import build_resnet
+
+    return build_resnet("resnet50", num_classes=1000)
+
+
 MODELS = {
     "small_cnn": BenchModel(SmallCNN, 128, _cnn_data, F.cross_entropy, "cross_entropy"),
     "autoencoder": BenchModel(_ae_model, 250, _ae_data, _bce_sum, "mse"),
+    # torchvision ResNet-50 on a synthetic ImageNet batch (3x224x224, 1000 classes): an
+    # accelerator workload (scripts/gpu_check.sh); on a CPU one step takes seconds
+    "resnet50": BenchModel(_resnet50, 128, _imagenet_data, F.cross_entropy, "cross_entropy"),
 }
+
+
+class BenchError(ValueError):
+    """A bad ``--task``/``--peers`` combination; the message names the flag and the fix."""
+
+
+@dataclass
+class Workload:
+    """What one benchmark trains: a fresh model per optimizer, one fixed batch, its loss."""
+
+    label: str
+    build: Callable[[], nn.Module]
+    batch: Any
+    loss: Callable[[nn.Module, Any], Tensor]
+    batch_size: int
+    spec: BenchModel | None = None  # the --model entry (peers need its separate loss)
+    task: Any = None  # the --task's Task object (its evaluate(), for scripts/gpu_check.py)
+
+
+def model_workload(name: str, batch_size: int | None, seed: int,
+                   device: torch.device) -> Workload:
+    spec = MODELS[name]
+    batch = int(batch_size or spec.batch)
+    x, y = spec.data(batch, torch.Generator().manual_seed(seed))
+    x, y = x.to(device), y.to(device)
+
+    def build() -> nn.Module:
+        return spec.build().to(device)
+
+    return Workload(name, build, (x, y), lambda m, b: spec.loss(m(b[0]), b[1]), batch, spec)
+
+
+#: ``--task`` names: the task registry's (configs/task/<name>.yaml, tiny flavor)
+def _task_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def task_workload(text: str, batch_size: int | None, seed: int,
+                  device: torch.device) -> Workload:
+    """The tiny flavor of a task (``name[:key=value...]`` sets ``task.<key>``): its model,
+    loss and first training batch of epoch 0 (the train config's batch size by default)."""
+    from omegaconf import OmegaConf
+
+    from tasks import build_task
+
+    name, overrides = parse_variant(text)
+    path = CONFIG_DIR / "task" / f"{name}.yaml"
+    if not path.exists():
+        raise BenchError(f"--task {name!r} is not valid; valid choices: "
+                         + ", ".join(_task_names()))
+    cfg = OmegaConf.load(path)
+    for key, value in overrides.items():
+        if key not in cfg.task:
+            raise BenchError(f"--task {text!r}: task.{key} is not a key of {path.name}; "
+                             f"valid keys: {', '.join(k for k in cfg.task if k != 'name')}")
+        cfg.task[key] = value
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    task = build_task(resolved["task"])
+    batch = int(batch_size or resolved["train"]["batch_size"])
+    first = next(iter(task.train_batches(epoch=0, batch_size=batch, seed=seed)))
+    data = task.to_device(first, device)
+
+    def build() -> nn.Module:
+        return task.build_model().to(device)
+
+    def loss(model: nn.Module, b: Any) -> Tensor:
+        return task.loss(model, b)[0]
+
+    return Workload(text, build, data, loss, batch, task=task)
 
 
 # ----------------------------------------------------------------------------- runners
@@ -118,33 +210,75 @@ class Runner:
     error: str | None = None
 
     def phases(self) -> dict[str, float]:
-        fn = getattr(self.optimizer, "phase_times", None)
-        return dict(fn()) if callable(fn) else {}
+        return _instrumented(self.optimizer)[0]
 
     def state_bytes(self) -> int:
-        fn = getattr(self.optimizer, "memory_usage", None)
-        if self.curvature and callable(fn):
-            return int(fn()["total"])
-        return _state_bytes(getattr(self.optimizer, "state", {}))
+        """Every distinct tensor the optimizer holds (its ``state`` and, for the per-layer
+        methods, the blocks' tensors), counted once."""
+        seen: dict[tuple, int] = {}
+        _collect(getattr(self.optimizer, "state", {}), seen)
+        for block in getattr(self.optimizer, "blocks", {}).values():
+            _collect(getattr(block, "tensors", {}), seen)
+        return sum(seen.values())
 
 
-def _state_bytes(state: Any) -> int:
+def _collect(state: Any, seen: dict[tuple, int]) -> None:
     if isinstance(state, Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(_state_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(_state_bytes(v) for v in state)
-    return 0
+        key = (state.device.type, state.untyped_storage().data_ptr(), state.storage_offset(),
+               state.shape)
+        seen[key] = state.numel() * state.element_size()
+    elif isinstance(state, dict):
+        for v in state.values():
+            _collect(v, seen)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            _collect(v, seen)
 
 
-def _frequency(opt: Any) -> int:
+def _instrumented(opt: Any) -> tuple[dict[str, float], dict[str, int], int]:
+    """``(phase seconds, memory bytes per kind, refresh period)`` of an optimizer.  The one
+    place that guesses from attribute names until ``optimizers.capabilities.Instrumented``
+    (``phase_times``/``memory_usage``/``refresh_period``) is merged; swap the body then."""
+    fn = getattr(opt, "phase_times", None)
+    phases = dict(fn()) if callable(fn) else {}
+    fn = getattr(opt, "memory_usage", None)
+    memory = {k: int(v) for k, v in fn().items()} if callable(fn) else {}
+    fn = getattr(opt, "refresh_period", None)
+    if callable(fn):
+        return phases, memory, int(fn())
     vals = []
     for key in FREQ_KEYS:
         for src in (getattr(opt, key, None), getattr(opt, "defaults", {}).get(key)):
             if isinstance(src, int) and not isinstance(src, bool):
                 vals.append(src)
-    return max(vals, default=1)
+    return phases, memory, max(vals, default=1)
+
+
+def _frequency(opt: Any) -> int:
+    return _instrumented(opt)[2]
+
+
+class _Clock:
+    """``perf_counter`` after the device's queued work is done (CUDA kernels are async)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def _autocast(device: torch.device, mode: str | None) -> Any:
+    import contextlib
+
+    if not mode:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[mode])
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -165,28 +299,30 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, hparams
 
 
-def _make_ours(label: str, spec_model: BenchModel, x: Tensor, y: Tensor, seed: int) -> Runner:
+def _make_ours(label: str, work: Workload, seed: int, *, device: torch.device,
+               autocast: str | None = None) -> Runner:
     from optimizers import build_optimizer, get_spec
 
     name, hparams = parse_variant(label)
     spec = get_spec(name)
     torch.manual_seed(seed)
-    model = spec_model.build()
+    model = work.build()
     opt = build_optimizer(name, model, **{"lr": LR.get(name, DEFAULT_LR), **hparams})
     sampled = bool(spec.sampled_fisher)
+    clock = _Clock(device)
 
     def step() -> dict[str, float]:
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = spec_model.loss(out, y)
-        t1 = time.perf_counter()
+        with _autocast(device, autocast):
+            loss = work.loss(model, work.batch)
+        t1 = clock()
         if sampled and getattr(opt, "needs_sampled_backward", lambda: False)():
             raise RuntimeError(f"{name}: the benchmark runs the empirical Fisher (fisher=ef)")
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = clock()
         opt.step()
-        t3 = time.perf_counter()
+        t3 = clock()
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2}
 
     return Runner(label, model, step, opt, curvature=bool(spec.curvature), freq=_frequency(opt))
@@ -252,10 +388,13 @@ PEERS = {
 }
 
 
-def _peer_runners(
-    peers: list[str], spec_model: BenchModel, x: Tensor, y: Tensor, seed: int
-) -> list[Runner]:
+def _peer_runners(peers: list[str], work: Workload, seed: int) -> list[Runner]:
     import importlib.util
+
+    if peers and work.spec is None:
+        raise BenchError("--peers run on --model workloads only (their loss call differs)")
+    spec_model = work.spec
+    x, y = work.batch if peers else (None, None)
 
     out: list[Runner] = []
     for peer in peers:
@@ -278,7 +417,7 @@ def _peer_runners(
 # ----------------------------------------------------------------------------- the benchmark
 def run_bench(
     *,
-    model: str,
+    model: str | None = "small_cnn",
     optimizers: list[str],
     peers: list[str] | None = None,
     steps: int | None = None,
@@ -287,24 +426,39 @@ def run_bench(
     batch_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    task: str | None = None,
+    device: str = "cpu",
+    autocast: str | None = None,
+    floor: bool = True,
+    errors: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run the benchmark and return ``{name: result}`` (see :func:`main` for the fields)."""
-    spec_model = MODELS[model]
-    batch = int(batch_size or spec_model.batch)
-    x, y = spec_model.data(batch, torch.Generator().manual_seed(seed))
+    """Run the benchmark and return ``{name: result}`` (see :func:`main` for the fields).
+    ``task`` (``name[:key=value...]``) replaces ``model`` by a task's tiny flavor; ``errors``
+    (when given) receives ``{name: message}`` of the optimizers that failed and were dropped."""
+    dev = torch.device(device)
+    if task is not None:
+        work = task_workload(task, batch_size, seed, dev)
+    else:
+        work = model_workload(str(model), batch_size, seed, dev)
     names = list(dict.fromkeys([*BASELINES, *optimizers]))
-    runners = [_make_ours(n, spec_model, x, y, seed) for n in names]
-    runners += _peer_runners(list(peers or []), spec_model, x, y, seed)
+    runners = [_make_ours(n, work, seed, device=dev, autocast=autocast) for n in names]
+    runners += _peer_runners(list(peers or []), work, seed)
     if steps is None:
         steps = max(200, 2 * max(r.freq for r in runners))
     rounds = math.ceil(steps / chunk)
     steps = rounds * chunk
+    short = [f"{r.name} (every {r.freq})" for r in runners if r.freq > steps]
+    if short:
+        print(f"ngbench bench: warning: --steps {steps} does not cover one refresh period of "
+              f"{', '.join(short)}: their means leave the periodic refresh out (use --steps "
+              f">= {max(r.freq for r in runners)}, or leave --steps unset)", file=sys.stderr)
+    clock = _Clock(dev)
 
     def run(r: Runner, n: int, *, timed: bool) -> None:
         if r.error is not None:
             return
         for _ in range(n):
-            w0, c0 = time.perf_counter(), time.process_time()
+            w0, c0 = clock(), time.process_time()
             try:
                 split = r.step_fn()
             except Exception as exc:  # a peer that diverges or breaks must not stop the rest
@@ -312,7 +466,7 @@ def run_bench(
                 print(f"\nngbench bench: {r.name} failed and is dropped: {r.error}",
                       file=sys.stderr)
                 return
-            w1, c1 = time.perf_counter(), time.process_time()
+            w1, c1 = clock(), time.process_time()
             if timed:
                 r.wall += w1 - w0
                 r.cpu += c1 - c0
@@ -333,7 +487,7 @@ def run_bench(
         if progress:
             left = (time.perf_counter() - t_start) / (k + 1) * (rounds - k - 1)
             print(
-                f"\rngbench bench: {model} round {k + 1}/{rounds} ({chunk} steps x "
+                f"\rngbench bench: {work.label} round {k + 1}/{rounds} ({chunk} steps x "
                 f"{len(runners)} optimizers), ~{left:.0f}s left   ",
                 end="", file=sys.stderr, flush=True,
             )
@@ -345,8 +499,12 @@ def run_bench(
         bad = next(r for r in runners if r.name == name)
         if bad.error is not None:
             raise RuntimeError(f"baseline {name} failed: {bad.error}")
+    if errors is not None:
+        errors.update({r.name: r.error for r in runners if r.error is not None})
     runners = [r for r in runners if r.error is None]
     mean = {r.name: r.wall / r.steps for r in runners}
+    by_name = {r.name: r for r in runners}
+    sgd_bytes = max(1, by_name["sgd"].peak_bytes)
     out: dict[str, dict[str, Any]] = {}
     for r in runners:
         now = r.phases()
@@ -359,16 +517,67 @@ def run_bench(
             "cpu_step_s": r.cpu / r.steps,
             "phases": phases,
             "peak_mem_mb": r.peak_bytes / 2**20,
+            "mem_vs_sgd": r.peak_bytes / sgd_bytes,
+            "memory": _instrumented(r.optimizer)[1],
             "max_rss_mb": rss_mb,
             "steps": r.steps,
             "warmup": warmup,
             "refresh_every": r.freq,
             "peer": r.name not in names,
-            "model": model,
-            "batch_size": batch,
+            "model": work.label,
+            "task": task,
+            "batch_size": work.batch_size,
             "threads": torch.get_num_threads(),
+            "device": str(dev),
+            "autocast": autocast,
         }
+        if dev.type == "cuda":
+            out[r.name]["max_cuda_alloc_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    if floor:
+        add_floors(out, work, by_name, dev)
     return out
+
+
+def add_floors(out: dict[str, dict[str, Any]], work: Workload, runners: dict[str, Runner],
+               device: torch.device) -> None:
+    """Add the cost model's ``floor_ratio``, ``floor_phases``, ``excess_phase`` and
+    ``mem_floor_mb`` to every result row of one of our optimizers (:mod:`runners.costmodel`:
+    kernels timed at the layers' exact shapes in this process)."""
+    from . import costmodel
+
+    base = runners["sgd"].model
+    all_shapes = costmodel.layer_shapes(base, lambda: work.loss(base, work.batch))
+    trainable = [p for p in base.parameters() if p.requires_grad]
+    params = sum(p.numel() for p in trainable)
+    param_shapes = [tuple(p.shape) for p in trainable]
+    rates = costmodel.Rates(device)
+    sgd = out["sgd"]
+    for name, row in out.items():
+        r = runners.get(name)
+        if r is None or row["peer"]:
+            continue
+        method = parse_variant(name)[0]
+        settings = costmodel.settings_of(r.optimizer)
+        registered = getattr(r.optimizer, "layers", None)  # the layers it has blocks for
+        shapes = [s for s in all_shapes if registered is None or s.name in registered]
+        pred = costmodel.predict(method, settings, shapes, rates, params, param_shapes)
+        mem = costmodel.memory_floor(method, settings, shapes, params, param_shapes)
+        row["mem_floor_mb"] = None if mem is None else mem / 2**20
+        if pred is None:
+            row["floor_ratio"] = row["excess_phase"] = None
+            continue
+        floor = sgd["mean_step_s"] + sum(pred.values())
+        row["floor_step_s"] = floor
+        row["floor_ratio"] = floor / sgd["mean_step_s"]
+        row["floor_phases"] = pred
+        measured = dict(row["phases"])
+        if method == "adamw":  # no phase timers: its extra is in the optimizer call
+            measured["update"] = measured.get("optimizer", 0.0) - sgd["phases"]["optimizer"]
+        excess = {k: measured.get(k, 0.0) - v for k, v in pred.items() if k in measured}
+        excess["other"] = row["mean_step_s"] - floor - sum(excess.values())
+        row["excess_s"] = excess
+        row["excess_phase"] = max(excess, key=excess.get) if name != "sgd" else None
+    out["sgd"]["rates"] = rates.summary()
 
 
 def combine_repeats(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -389,6 +598,9 @@ def combine_repeats(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str
         row["phases"] = {
             k: statistics.median(r["phases"].get(k, 0.0) for r in rs) for k in sorted(keys)
         }
+        floors = [r["floor_ratio"] for r in rs if r.get("floor_ratio") is not None]
+        if floors:
+            row["floor_ratio"] = statistics.median(floors)
         row["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rs)
         row["max_rss_mb"] = max(r["max_rss_mb"] for r in rs)
         row["ratio_vs_sgd_runs"] = [r["ratio_vs_sgd"] for r in rs]
@@ -403,7 +615,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     w = max(14, *(len(k) for k in results))
     head = (f"{'optimizer':<{w}} {'step ms':>9} {'cpu ms':>9} {'x sgd':>7} {'x adamw':>8} "
             f"{'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} "
-            + " ".join(f"{c[:6] + ' ms':>9}" for c in cols) + f" {'mem MB':>8}")
+            + " ".join(f"{c[:6] + ' ms':>9}" for c in cols)
+            + f" {'floor':>6} {'excess in':>12} {'mem MB':>8} {'x sgd':>6} {'floor MB':>8}")
     repeats = max(int(r.get("repeats", 1)) for r in results.values())
     if repeats > 1:
         head += f" {'x sgd range':>12}"
@@ -421,7 +634,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"{name:<{w}} {1e3 * r['mean_step_s']:>9.2f} {1e3 * r['cpu_step_s']:>9.2f} "
             f"{r['ratio_vs_sgd']:>7.2f} {r['ratio_vs_adamw']:>8.2f} {split} "
-            + " ".join(f"{ms(c):>9}" for c in cols) + f" {r['peak_mem_mb']:>8.2f}"
+            + " ".join(f"{ms(c):>9}" for c in cols)
+            + f" {_num(r.get('floor_ratio'), 6)} {r.get('excess_phase') or '-':>12}"
+            + f" {r['peak_mem_mb']:>8.2f} {_num(r.get('mem_vs_sgd'), 6)}"
+            + f" {_num(r.get('mem_floor_mb'), 8)}"
             + (f" {min(r['ratio_vs_sgd_runs']):>5.2f}-{max(r['ratio_vs_sgd_runs']):<6.2f}"
                if repeats > 1 else "")
         )
@@ -434,7 +650,22 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         f"process max RSS {any_r['max_rss_mb']:.0f} MB. asdl_* fold forward/backward/"
         "preconditioning into one phase."
     )
+    if any(r.get("floor_ratio") for r in results.values()):
+        rates = results.get("sgd", {}).get("rates", {})
+        lines.append(
+            "floor: x sgd predicted by runners/costmodel.py (kernels timed at the layers' "
+            "shapes here: GEMM 512^3 "
+            f"{rates.get('gemm512_gflops', 0):.0f} GFLOP/s, eigh 256 "
+            f"{rates.get('eigh256_ms', 0):.2f} ms, {rates.get('call_us', 0):.1f} us/call); "
+            "excess in: the phase furthest above its prediction ('other': hooks, bookkeeping). "
+            "mem MB: optimizer state (sgd: momentum, adamw: moments); floor MB: the "
+            "method's minimal state."
+        )
     return "\n".join(lines)
+
+
+def _num(value: float | None, width: int) -> str:
+    return f"{value:>{width}.2f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
 
 
 def _csv(value: str) -> list[str]:
@@ -447,6 +678,15 @@ def main(argv: list[str] | None = None) -> int:
         description="Optimizer step overhead (mean step time vs SGD and AdamW, phases, memory).",
     )
     p.add_argument("--model", default="small_cnn", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--task", default=None, metavar="NAME[:KEY=VALUE...]",
+                   help="a task's tiny flavor instead of --model (its model, loss and first "
+                        "batch): autoencoder, resnet, transformer, schnet, recommender "
+                        "(NCF; recommender:model=dlrm for DLRM)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda")
+    p.add_argument("--autocast", default=None, choices=sorted(AUTOCAST_DTYPES),
+                   help="run forward and loss under torch.autocast with this dtype")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the cost model (floor ratio, excess phase, memory floor)")
     p.add_argument("--optimizers", type=_csv, default=["sgd", "adamw", "kfac"],
                    help="comma-separated registered optimizers (sgd and adamw always run); "
                    "name:key=value[:key=value] runs a variant, e.g. "
@@ -472,8 +712,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ngbench bench: error: {msg}", file=sys.stderr)
         return 2
 
-    if a.model not in MODELS:
+    if a.task is None and a.model not in MODELS:
         return fail(f"--model {a.model!r} is not valid; valid choices: {', '.join(MODELS)}")
+    if a.task is not None:
+        try:
+            task_name = parse_variant(a.task)[0]
+        except ValueError as exc:
+            return fail(str(exc).replace("--optimizers", "--task"))
+        if task_name not in _task_names():
+            return fail(f"--task {task_name!r} is not valid; valid choices: "
+                        + ", ".join(_task_names()))
+        if a.peers:
+            return fail("--peers run on --model workloads only (their loss call differs)")
     from optimizers import list_optimizers
 
     known = list_optimizers()
@@ -486,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--optimizers: {bad[0]!r} is not registered; valid choices: "
                     + ", ".join(known))
     from optimizers.registry import OptimizerConfigError
+    from tasks import DataNotFoundError, TaskConfigError
     bad = [o for o in a.peers if o not in PEERS]
     if bad:
         return fail(f"--peers: {bad[0]!r} is not valid; valid choices: {', '.join(PEERS)}")
@@ -504,10 +755,15 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_bench(
                 model=a.model, optimizers=a.optimizers, peers=a.peers, steps=a.steps,
                 warmup=a.warmup, chunk=min(a.chunk, a.steps or a.chunk),
-                batch_size=a.batch_size, seed=a.seed, progress=not a.quiet,
+                batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, task=a.task,
+                device=a.device, autocast=a.autocast, floor=not a.no_floor,
             ))
         except OptimizerConfigError as exc:
             return fail(f"--optimizers: {exc}")
+        except BenchError as exc:
+            return fail(str(exc))
+        except (TaskConfigError, DataNotFoundError) as exc:
+            return fail(f"--task {a.task}: {exc}")
     results = combine_repeats(runs)
     print(format_table(results))
     if a.json is not None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from runners import bench, cli
+from runners import bench, cli, costmodel
 
 
 @pytest.mark.parametrize(
@@ -111,3 +112,121 @@ def test_combine_repeats_medians():
     assert k["ratio_vs_sgd_runs"] == [1.5, 1.1, 1.2] and k["repeats"] == 3
     single = run(1.3, 0.3)
     assert bench.combine_repeats([single]) is single
+
+
+# --------------------------------------------------------------------------- workloads, floor
+def test_task_workload_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--task", "recommender:model=dlrm", "--optimizers",
+                   "kfac,kfac:approx=reduce", "--steps", "2", "--warmup", "1", "--chunk", "1",
+                   "--threads", "1", "--batch-size", "8", "--json", str(out), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"sgd", "adamw", "kfac", "kfac:approx=reduce"}
+    assert {r["model"] for r in res.values()} == {"recommender:model=dlrm"}
+    for name, r in res.items():
+        assert r["floor_ratio"] >= 1.0 and r["mem_floor_mb"] > 0, name
+        assert set(r["floor_phases"]) == {"statistics", "inverse", "precondition", "update"}
+        assert r["excess_phase"] in (None, *r["floor_phases"], "other")
+    assert res["sgd"]["mem_vs_sgd"] == 1.0
+    assert res["adamw"]["mem_vs_sgd"] == pytest.approx(2.0, rel=1e-2)  # + step counters
+    assert res["kfac"]["mem_vs_sgd"] > 1.0 and "QG" in res["kfac"]["memory"]
+    err = capsys.readouterr().err
+    assert "does not cover one refresh period of kfac (every 100)" in err  # issue 15 item 7
+
+
+def test_bad_task_names_the_choices(capsys):
+    assert bench.main(["--task", "nope"]) == 2
+    assert "autoencoder" in capsys.readouterr().err
+    assert bench.main(["--task", "recommender:no_such_key=1", "--steps", "1"]) == 2
+    assert "task.no_such_key" in capsys.readouterr().err
+    assert bench.main(["--task", "autoencoder", "--peers", "asdl"]) == 2
+    assert "--model workloads only" in capsys.readouterr().err
+
+
+class FakeRates(costmodel.Rates):
+    """Deterministic kernel prices (proportional to the arithmetic)."""
+
+    def __init__(self) -> None:
+        self.call = 1e-6
+
+    def gemm(self, m, k, n):
+        return 2e-12 * m * k * n
+
+    def bmm(self, b, m, k, n):
+        return 2e-12 * b * m * k * n
+
+    def eigh(self, n):
+        return 1e-11 * n**3
+
+    def binv(self, b, n):
+        return 1e-11 * b * n**3
+
+    def passes(self, numel, k=1.0):
+        return 1e-10 * numel * k
+
+
+def test_cost_model_shapes_reduce_and_memory_floor():
+    model = bench.SmallCNN()
+    x = torch.randn(4, 3, 32, 32)
+    shapes = {s.name: s for s in costmodel.layer_shapes(model, lambda: model(x))}
+    c2 = shapes["conv2"]
+    assert (c2.kind, c2.m, c2.n, c2.N, c2.T, c2.k2) == ("conv2d", 64, 32 * 9 + 1, 4, 256, 9)
+    assert (shapes["fc1"].m, shapes["fc1"].n, shapes["fc1"].T) == (256, 129, 1)
+    rates, params = FakeRates(), sum(p.numel() for p in model.parameters())
+    shape_list = list(shapes.values())
+    expand = costmodel.predict("kfac", {"stat_every": 1}, shape_list, rates, params)
+    reduce = costmodel.predict("kfac", {"stat_every": 1, "approx": "reduce"}, shape_list,
+                               rates, params)
+    # conv Grams over N rows instead of N·T; the pass over the N·T patches stays
+    assert reduce["statistics"] < expand["statistics"] / 4
+    assert reduce["precondition"] == expand["precondition"]
+    assert costmodel.predict("nope", {}, shape_list, rates, params) is None
+    # MBF's per-kernel blocks and their inverses: 2·k² × the conv weights (optimizers/mbf.py)
+    conv_w = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    only_convs = [s for s in shape_list if s.kind == "conv2d"]
+    assert costmodel.memory_floor("mbf", {}, only_convs, 0) == 4 * 2 * 9 * conv_w
+
+
+def test_kfac_memory_floor_is_a_tight_lower_bound():
+    """After a refresh K-FAC holds A, G, their eigenbases and the scale matrix (+ momentum):
+    the floor must not exceed what is held, and what is held stays within 2 % of it."""
+    from optimizers import build_optimizer
+
+    model = bench.SmallCNN()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = build_optimizer("kfac", model, lr=1e-3, stat_every=1, inv_every=1)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    runner = bench.Runner("kfac", model, lambda: {}, opt)
+    held = runner.state_bytes()
+    shapes = costmodel.layer_shapes(model, lambda: model(x))
+    params = sum(p.numel() for p in model.parameters())
+    floor = costmodel.memory_floor("kfac", costmodel.settings_of(opt), shapes, params)
+    assert floor <= held <= 1.02 * floor
+
+
+def test_gpu_check_dry_run_end_to_end(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [str(root / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path),
+         "--tasks", "autoencoder", "--optimizers", "sgd,kfac:approx=reduce",
+         "--ratio-optimizers", "kfac", "--sections", "smoke,ratios", "--threads", "1"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["dry_run"] and rep["autocast"] == "bf16"
+    assert [r["status"] for r in rep["smoke"]] == ["ok", "ok"]
+    assert rep["eval"][0]["status"] == "ok"
+    for model in ("small_cnn", "resnet50"):
+        assert rep["ratios"][model]["status"] == "ok"
+        assert set(rep["ratios"][model]["results"]) == {"sgd", "adamw", "kfac"}
+    assert "| kfac:approx=reduce | ok |" in (tmp_path / "gpu_check.md").read_text()

@@ -1,0 +1,394 @@
+"""Cost model of the optimizer step: the arithmetic each method needs, priced at this machine's
+measured rates, so ``ngbench bench`` can print a *floor* beside each measured step time.
+
+For every curvature layer the bench's batch reaches (``Linear``/``Conv2d``/``Embedding``: output
+rows ``m``, input columns ``n`` incl. the bias, ``N`` examples, ``T`` locations per example),
+each method's essential kernels per phase are listed from ALGORITHMS.md's cost sections (§1.6
+K-FAC, §2.5 EKFAC, §3.4 TKFAC/TEKFAC, §4.6 NG+, §6.3 MBF, §7.3-7.4 Shampoo/SOAP) and
+each kernel is *timed at its exact shape in this process* (:class:`Rates`: GEMMs, batched GEMMs,
+``eigh``, batched inverses, elementwise passes, and the per-call overhead of a tiny op), then
+amortised over the method's schedule (statistics every ``stat_every`` steps, refresh every
+``inv_every`` ...).  The floor of a step is SGD's measured step plus the predicted extra phases
+of the method; the bench reports ``floor_ratio = floor / SGD step`` beside the measured ratio
+and names the phase whose measured time exceeds its prediction most.
+
+What the floor leaves out (so a method can sit above it for a stated reason): the symmetric
+halves of Gram products are priced as full GEMMs (a ``syrk`` floor would be half); forward and
+backward hooks beyond the statistics kernels; Python bookkeeping beyond ``CALLS`` tiny ops per
+layer; communication (one process: zero).  Methods without a model here (SNGD: its
+per-unit/shared metric choice per layer is not modelled yet) get no floor.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LayerShape", "Rates", "layer_shapes", "memory_floor", "predict", "settings_of"]
+
+#: tiny Python-side ops per layer and step that any per-layer preconditioner issues
+#: (grad matrix, write-back, clip contribution, ...), priced at the measured per-call overhead
+CALLS = 8
+PHASES = ("statistics", "inverse", "precondition", "update")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    kind: str  # linear | conv2d | embedding
+    m: int  # output rows
+    n: int  # input columns, bias included (embedding: vocabulary size)
+    N: int  # examples
+    T: int  # locations per example sharing the weight
+    k2: int = 1  # kernel area (conv)
+    bias: bool = False
+
+    @property
+    def c_in(self) -> int:
+        return (self.n - int(self.bias)) // self.k2
+
+
+def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> list[LayerShape]:
+    """The curvature layers of ``model`` with the shapes one call of ``run_forward`` (a forward
+    pass on the bench batch, run here without gradients) gives them."""
+    found: list[LayerShape] = []
+    handles = []
+
+    def hook(name: str, mod: nn.Module) -> Callable[..., None]:
+        def fn(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            a = inputs[0]
+            bias = getattr(module, "bias", None) is not None
+            if isinstance(module, nn.Conv2d):
+                n_ex = a.shape[0] if a.dim() == 4 else 1
+                t = output.shape[-1] * output.shape[-2]
+                k2 = module.kernel_size[0] * module.kernel_size[1]
+                found.append(LayerShape(name, "conv2d", module.out_channels,
+                                        module.in_channels * k2 + int(bias), n_ex, t, k2, bias))
+            elif isinstance(module, nn.Embedding):
+                n_ex = a.shape[0] if a.dim() >= 1 else 1
+                found.append(LayerShape(name, "embedding", module.embedding_dim,
+                                        module.num_embeddings, n_ex, max(1, a.numel() // n_ex)))
+            else:
+                n_ex = a.shape[0] if a.dim() >= 2 else 1
+                t = max(1, a.numel() // max(1, a.shape[-1]) // n_ex)
+                found.append(LayerShape(name, "linear", module.out_features,
+                                        module.in_features + int(bias), n_ex, t, 1, bias))
+
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            handles.append(mod.register_forward_hook(hook(name, mod)))
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    seen: dict[str, LayerShape] = {}
+    for s in found:  # a module called twice keeps its first call's shape, N·T summed
+        if s.name in seen:
+            p = seen[s.name]
+            seen[s.name] = LayerShape(p.name, p.kind, p.m, p.n, p.N, p.T + s.T, p.k2, p.bias)
+        else:
+            seen[s.name] = s
+    return list(seen.values())
+
+
+class Rates:
+    """Kernel times measured in this process on ``device`` (median of ``reps`` after one
+    warm-up call), cached per shape."""
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 reps: int = 3) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.reps = reps
+        self._cache: dict[tuple, float] = {}
+        self.call = self._measure(("call",), self._call_fn())
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _time(self, fn: Callable[[], Any]) -> float:
+        fn()
+        self._sync()
+        out = []
+        for _ in range(self.reps):
+            t0 = time.perf_counter()
+            fn()
+            self._sync()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    def _measure(self, key: tuple, fn: Callable[[], Any]) -> float:
+        if key not in self._cache:
+            self._cache[key] = self._time(fn)
+        return self._cache[key]
+
+    def _rand(self, *shape: int) -> Tensor:
+        return torch.randn(*shape, device=self.device, dtype=self.dtype)
+
+    def _call_fn(self) -> Callable[[], Any]:
+        x = self._rand(1)
+        return lambda: x.add_(1.0)
+
+    def gemm(self, m: int, k: int, n: int) -> float:
+        """``(m × k) @ (k × n)``."""
+        if min(m, k, n) <= 0:
+            return 0.0
+        key = ("gemm", m, k, n)
+        if key not in self._cache:
+            a, b = self._rand(m, k), self._rand(k, n)
+            self._measure(key, lambda: a @ b)
+        return self._cache[key]
+
+    def bmm(self, b: int, m: int, k: int, n: int) -> float:
+        if min(b, m, k, n) <= 0:
+            return 0.0
+        key = ("bmm", b, m, k, n)
+        if key not in self._cache:
+            x, y = self._rand(b, m, k), self._rand(b, k, n)
+            self._measure(key, lambda: torch.bmm(x, y))
+        return self._cache[key]
+
+    def eigh(self, n: int) -> float:
+        if n <= 1:
+            return self.call
+        key = ("eigh", n)
+        if key not in self._cache:
+            x = self._rand(n, n)
+            s = x @ x.t() + n * torch.eye(n, device=self.device, dtype=self.dtype)
+            self._measure(key, lambda: torch.linalg.eigh(s))
+        return self._cache[key]
+
+    def binv(self, b: int, n: int) -> float:
+        """Batched inverse of ``b`` SPD ``n × n`` matrices."""
+        if b <= 0 or n <= 0:
+            return 0.0
+        key = ("binv", b, n)
+        if key not in self._cache:
+            x = self._rand(b, n, n)
+            s = x @ x.transpose(1, 2) + n * torch.eye(n, device=self.device, dtype=self.dtype)
+            self._measure(key, lambda: torch.linalg.inv(s))
+        return self._cache[key]
+
+    def passes(self, numel: int, k: float = 1.0) -> float:
+        """``k`` elementwise read-modify-write passes over ``numel`` elements."""
+        if numel <= 0 or k <= 0:
+            return 0.0
+        size = 1 << max(10, (int(numel) - 1).bit_length())  # cached per power of two
+        key = ("pass", size)
+        if key not in self._cache:
+            a, b = self._rand(size), self._rand(size)
+            self._measure(key, lambda: a.add_(b))
+        return k * self._cache[key] * numel / size
+
+    def summary(self) -> dict[str, float]:
+        """A few headline rates (GFLOP/s of a 512³ GEMM, ms of a 256 eigh, µs per call)."""
+        t = self.gemm(512, 512, 512)
+        return {"gemm512_gflops": 2 * 512**3 / t / 1e9, "eigh256_ms": 1e3 * self.eigh(256),
+                "call_us": 1e6 * self.call, "device": str(self.device)}
+
+
+# ----------------------------------------------------------------------------- methods
+def _every(value: Any, default: int) -> int:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return max(1, value)
+    if isinstance(value, (list, tuple)) and value:  # a schedule: its first frequency
+        first = value[0]
+        return _every(first[-1] if isinstance(first, (list, tuple)) else first, default)
+    return default
+
+
+def settings_of(opt: Any) -> dict[str, Any]:
+    """Schedule settings the model needs, read from a built optimizer."""
+    d = dict(getattr(opt, "defaults", {}) or {})
+    out: dict[str, Any] = {}
+    for key in ("stat_every", "inv_every", "scale_every", "precondition_frequency",
+                "max_preconditioner_dim", "max_precond_dim", "approx", "scalings", "max_block",
+                "linear_block", "precondition_1d"):
+        v = getattr(opt, key, d.get(key))
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def _kron_stats(r: Rates, s: LayerShape, approx: str) -> float:
+    rows = s.N * (1 if approx == "reduce" else s.T)
+    t = r.gemm(s.m, rows, s.m) + r.call * 3
+    if s.kind == "embedding":
+        return t + r.passes(s.N * s.T)  # bincount of the token ids
+    t += r.gemm(s.n, rows, s.n)
+    if s.T > 1 and approx == "reduce":  # separable patch sums: ~kh row sums per output row
+        t += r.passes(s.N * s.T * s.c_in * max(1, math.isqrt(s.k2)))
+    elif s.T > 1:  # the patch copy behind the Gram over N·T rows
+        t += r.passes(s.N * s.T * (s.n - int(s.bias)))
+    return t
+
+
+def _kron_inverse(r: Rates, s: LayerShape) -> float:
+    return r.eigh(s.m) + (r.passes(s.n) if s.kind == "embedding" else r.eigh(s.n))
+
+
+def _kron_precondition(r: Rates, s: LayerShape) -> float:
+    if s.kind == "embedding":
+        t = r.gemm(s.m, s.m, s.n) * 2
+    else:
+        t = (r.gemm(s.m, s.m, s.n) + r.gemm(s.m, s.n, s.n)) * 2
+    return t + r.passes(s.m * s.n, 3) + CALLS * r.call
+
+
+def _projections(r: Rates, s: LayerShape) -> float:
+    """EKFAC's exact scalings: rows projected into the eigenbasis and per-example products."""
+    rows = s.N * s.T
+    return (r.gemm(rows, s.n, s.n) + r.gemm(rows, s.m, s.m) + r.bmm(s.N, s.m, s.T, s.n)
+            + r.passes(s.N * s.m * s.n, 2))
+
+
+def _tensor_blocks(name: str, settings: dict[str, Any],
+                   param_shapes: list[tuple[int, ...]] | None) -> list[tuple[int, tuple]]:
+    """``(count, dims)`` of the preconditioned blocks of Shampoo (optimizers/shampoo.py's own
+    dim merging and blocking) or SOAP (one factor per dim up to ``max_precond_dim``, 1-D
+    parameters left out, the default ``merge_dims=False``)."""
+    from optimizers.shampoo import _block_slices, merge_dims
+
+    out: list[tuple[int, tuple]] = []
+    for shape in param_shapes or []:
+        if name == "shampoo":
+            max_dim = _every(settings.get("max_preconditioner_dim"), 1 << 30)
+            merged = merge_dims(tuple(shape), max_dim)
+            if len(shape) <= 1 and not settings.get("precondition_1d"):
+                continue
+            by: dict[tuple, int] = {}
+            for sl in _block_slices(merged, max_dim):
+                dims = tuple(x.stop - x.start for x in sl)
+                by[dims] = by.get(dims, 0) + 1
+            out += [(c, d) for d, c in by.items()]
+        else:
+            max_dim = _every(settings.get("max_precond_dim"), 1 << 30)
+            if len(shape) <= 1 and not settings.get("precondition_1d"):
+                continue
+            out.append((1, tuple(d if d <= max_dim else 1 for d in shape)))
+    return out
+
+
+def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates: Rates,
+            params: int, param_shapes: list[tuple[int, ...]] | None = None
+            ) -> dict[str, float] | None:
+    """Predicted seconds per step of each phase the method adds to SGD with momentum
+    (amortised over its schedule), or ``None`` when there is no model for ``name``.
+    ``shapes``: the layers the method registers; ``param_shapes``: every trainable
+    parameter's shape (Shampoo and SOAP precondition parameters, not layers)."""
+    r = rates
+    out = dict.fromkeys(PHASES, 0.0)
+    if name == "sgd":
+        return out
+    if name == "adamw":
+        out["update"] = r.passes(params, 3)  # second moment, sqrt/divide, decoupled decay
+        return out
+    stat = _every(settings.get("stat_every"), 1)
+    inv = _every(settings.get("inv_every"), 1)
+    if name in ("kfac", "ekfac", "tkfac", "tekfac"):
+        approx = settings.get("approx", "expand") if name == "kfac" else "expand"
+        scale = _every(settings.get("scale_every"), stat)
+        for s in shapes:
+            out["statistics"] += _kron_stats(r, s, approx) / stat
+            out["inverse"] += _kron_inverse(r, s) / inv
+            out["precondition"] += _kron_precondition(r, s)
+            if name in ("ekfac", "tekfac") and s.kind != "embedding":
+                out["statistics"] += _projections(r, s) / scale
+            if name in ("tkfac", "tekfac"):  # per-example norms: O(N) extra work
+                out["statistics"] += r.passes(s.N * s.T * (s.m + s.n)) / stat
+        return out
+    if name in ("shampoo", "soap"):
+        freq = _every(settings.get("precondition_frequency"), 1)
+        k = 1 if name == "shampoo" else 2  # SOAP: project in and back
+        for count, dims in _tensor_blocks(name, settings, param_shapes):
+            numel = math.prod(dims)
+            for d in dims:
+                if d <= 1:
+                    continue
+                rest = numel // d
+                out["statistics"] += count * r.gemm(d, rest, d)
+                out["inverse"] += count * (r.eigh(d) + r.gemm(d, d, d)) / freq
+                out["precondition"] += count * k * r.gemm(d, d, rest)
+            out["update"] += r.passes(count * numel, 3 if name == "shampoo" else 5)
+            out["precondition"] += CALLS * r.call
+        return out
+    if name == "ngplus":
+        for s in shapes:
+            if s.kind == "embedding":
+                continue
+            out["statistics"] += (r.gemm(s.m, s.N * s.T, s.n) + r.gemm(s.m, s.N * s.n, s.m)) / stat
+            out["inverse"] += r.eigh(s.m) / inv
+            out["precondition"] += r.gemm(s.m, s.m, s.n) + CALLS * r.call
+        return out
+    if name == "mbf" and settings.get("linear_block", "row") == "row":
+        for s in shapes:
+            if s.kind == "embedding":
+                continue
+            b, k = _mini_blocks(s, settings)
+            grads = r.bmm(s.N, s.m, s.T, s.n) if s.T > 1 else r.passes(s.N * s.m * s.n)
+            out["statistics"] += (grads + r.bmm(b, k, s.N, k)) / stat
+            out["inverse"] += r.binv(b, k) / inv
+            out["precondition"] += r.bmm(b, k, k, 1) + CALLS * r.call
+        return out
+    return None
+
+
+def memory_floor(name: str, settings: dict[str, Any], shapes: list[LayerShape],
+                 params: int, param_shapes: list[tuple[int, ...]] | None = None,
+                 bytes_per: int = 4) -> int | None:
+    """Bytes of state the method cannot do without (``None``: no model): SGD's momentum,
+    AdamW's two moments, and for curvature methods their factors/decompositions plus the
+    momentum buffer of their SGD/Adam base step."""
+    if name == "sgd":
+        return params * bytes_per
+    if name == "adamw":
+        return 2 * params * bytes_per
+    total = 0
+    if name in ("kfac", "ekfac", "tkfac", "tekfac"):
+        for s in shapes:
+            n2 = s.n if s.kind == "embedding" else s.n * s.n
+            total += 2 * (s.m * s.m + n2)  # factors and their eigenbases (or inverses)
+            if name in ("kfac", "ekfac", "tekfac"):
+                total += s.m * s.n  # the precomputed 1/(T·d_G d_Aᵀ + λ) of the eigen form
+            if name in ("ekfac", "tekfac"):
+                total += s.m * s.n  # the corrected scalings
+        return (total + params) * bytes_per
+    if name in ("shampoo", "soap"):
+        for count, dims in _tensor_blocks(name, settings, param_shapes):
+            total += count * sum(2 * d * d for d in dims if d > 1)  # factors and roots/bases
+        return (total + 2 * params) * bytes_per  # + grafting/Adam second moment, momentum
+    if name == "ngplus":  # an m×m factor and its inverse, or the N·T-sized SMW kernel
+        return (sum(2 * min(s.m, s.N * s.T) ** 2 for s in shapes if s.kind != "embedding")
+                + params) * bytes_per
+    if name == "mbf" and settings.get("linear_block", "row") == "row":
+        for s in shapes:
+            if s.kind != "embedding":
+                b, k = _mini_blocks(s, settings)
+                total += 2 * b * k * k  # running blocks and their inverses
+        return (total + params) * bytes_per
+    return None
+
+
+def _mini_blocks(s: LayerShape, settings: dict[str, Any]) -> tuple[int, int]:
+    """MBF's ``(number, size)`` of mini-blocks of a layer: one ``k²`` block per (output,
+    input channel) kernel of a conv; per output row of a Linear the fewest equal chunks of at
+    most ``max_block`` weights (optimizers/mbf.py, ``linear_block="row"``)."""
+    if s.kind == "conv2d":
+        return s.m * s.c_in, s.k2
+    max_block = _every(settings.get("max_block"), 1 << 30)
+    chunks = -(-s.n // max_block)
+    return s.m * chunks, -(-s.n // chunks)
