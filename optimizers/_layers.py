@@ -347,8 +347,9 @@ class Conv2dHelper(LayerHelper):
     def _pad_amounts(self) -> tuple[int, int, int, int]:
         """``(left, right, top, bottom)`` padding of the input."""
         if self._explicit_pad:
-            return tuple(int(p) for p in self._pad)  # type: ignore[return-value]
-        ph, pw = self.module.padding
+            left, right, top, bottom = (int(p) for p in self._pad)
+            return left, right, top, bottom
+        ph, pw = self._sym_pad
         return pw, pw, ph, ph
 
     def grad_multiplier(self, g: Tensor) -> float:
