@@ -169,11 +169,17 @@ def task_workload(text: str, batch_size: int | None, seed: int,
     if not path.exists():
         raise BenchError(f"--task {name!r} is not valid; valid choices: "
                          + ", ".join(_task_names()))
-    cfg = OmegaConf.load(path)
+    import dataclasses
+
+    from tasks.config import TASK_CONFIGS
+
+    cfg = OmegaConf.load(path)  # the preset's differences: data_root, the train budget
+    cfg.task = OmegaConf.merge({"name": name}, cfg.get("task") or {})
+    keys = [f.name for f in dataclasses.fields(TASK_CONFIGS[name]) if f.name != "name"]
     for key, value in overrides.items():
-        if key not in cfg.task:
-            raise BenchError(f"--task {text!r}: task.{key} is not a key of {path.name}; "
-                             f"valid keys: {', '.join(k for k in cfg.task if k != 'name')}")
+        if key not in keys:
+            raise BenchError(f"--task {text!r}: task.{key} is not a key of task {name!r} "
+                             f"(tasks/config.py); valid keys: {', '.join(keys)}")
         cfg.task[key] = value
     resolved = OmegaConf.to_container(cfg, resolve=True)
     task = build_task(resolved["task"])
