@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from enum import StrEnum, auto
 from typing import Any
 
 import torch
@@ -53,6 +54,8 @@ __all__ = [
     "PROJECTION_DTYPES",
     "SCALING_MODES",
     "EigenCorrectedOptimizer",
+    "ProjectionDtype",
+    "Scalings",
     "EigenCorrection",
     "StepFlags",
     "projected_second_moment",
@@ -61,7 +64,23 @@ __all__ = [
 
 #: ``exact``: per-example projected gradients (the paper); ``ra``: running average of
 #: ``N·(Q_Gᵀ V Q_A)²`` of the mini-batch gradient (Thrandis/EKFAC-pytorch ``ra=True``)
-SCALING_MODES = ("exact", "ra")
+class Scalings(StrEnum):
+    """How the eigenbasis scalings are estimated (see the comment above)."""
+
+    exact = auto()
+    ra = auto()
+
+
+class ProjectionDtype(StrEnum):
+    """dtype the exact scalings' projections are multiplied in (``auto``: see below)."""
+
+    auto = "auto"
+    float32 = "float32"
+    float64 = "float64"
+    bfloat16 = "bfloat16"
+
+
+SCALING_MODES = tuple(Scalings)
 
 #: elements of one chunk of per-example ``m × n`` matrices (bounds the conv path's memory; 2 MB
 #: in float32 measured 5-20 % faster than 16 MB on the small CNN's conv layers, 2-core CPU)

@@ -38,16 +38,36 @@ Choices (explicit options, defaults first):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from ._eigencorrect import EigenCorrectedOptimizer, EigenCorrection, StepFlags
+from ._config import Schedule, option
+from ._eigencorrect import (
+    EigenCorrectedOptimizer,
+    EigenCorrection,
+    ProjectionDtype,
+    Scalings,
+    StepFlags,
+)
 from ._kronecker import KroneckerBlock
 from ._layers import LayerHelper
-from .base import CurvatureOptimizer, Schedule, curvature_factory
-from .registry import OptimizerSpec, register
+from .base import CurvatureConfig, CurvatureOptimizer
 
-__all__ = ["EKFAC", "EKFACBlock", "build_ekfac"]
+__all__ = ["EKFAC", "EKFACBlock", "EKFACConfig"]
+
+
+@dataclass(kw_only=True)
+class EKFACConfig(CurvatureConfig):
+    """EKFAC's options: the shared curvature options plus the scaling estimate (module doc)."""
+
+    scalings: Scalings = option(Scalings.exact, "exact (per-example, the paper) | ra")
+    scale_every: Schedule | None = option(None, "scalings every k steps (null: stat steps)")
+    scale_decay: float = option(0.95, "cap of the scalings' EMA old-value weight", ge=0, lt=1)
+    projection_dtype: ProjectionDtype = option(
+        ProjectionDtype.auto, "projection multiply dtype: auto | float32 | float64 | bfloat16"
+    )
 
 
 class EKFACBlock(EigenCorrection, KroneckerBlock):
@@ -104,34 +124,15 @@ class EKFACBlock(EigenCorrection, KroneckerBlock):
 class EKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
     """EKFAC (see the module docstring)."""
 
+    Config = EKFACConfig
+    config: EKFACConfig
+
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        scalings: str = "exact",
-        scale_every: Schedule | None = None,
-        scale_decay: float = 0.95,
-        projection_dtype: str = "auto",
-        **kwargs,
+        self, model: nn.Module, config: EKFACConfig | None = None, /, **hparams: object
     ) -> None:
-        self.init_scalings(scalings, scale_every, scale_decay, projection_dtype)
-        super().__init__(model, **kwargs)
+        c = EKFACConfig.build(config, hparams)
+        self.init_scalings(c.scalings, c.scale_every, c.scale_decay, c.projection_dtype)
+        super().__init__(model, c)
 
     def make_block(self, layer: LayerHelper) -> EKFACBlock:
         return EKFACBlock(layer, **self.correction_options())
-
-
-build_ekfac = curvature_factory(EKFAC, "ekfac")
-
-
-register(
-    OptimizerSpec(
-        name="ekfac",
-        factory=build_ekfac,
-        description="EKFAC: K-FAC eigenbasis with per-example corrected eigenvalues",
-        paper="George, Laurent, Bouthillier, Ballas & Vincent, NeurIPS 2018",
-        needs_model=True,
-        curvature=True,
-        sampled_fisher=True,
-    )
-)

@@ -31,20 +31,35 @@ Defaults otherwise as K-FAC (``damping=1e-2``, ``kl_clip=1e-2``, stats every 10,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from enum import StrEnum, auto
 
 import torch
 from torch import Tensor, nn
 
+from ._config import option
 from ._eigencorrect import EigenCorrectedOptimizer, EigenCorrection, StepFlags
 from ._layers import LayerHelper
 from ._linalg import safe_eigh
-from .base import CurvatureOptimizer, Schedule, curvature_factory
-from .registry import OptimizerSpec, register
-from .tkfac import CONV_DAMPINGS, TRACE_FORMS, TKFACBlock, _check_choice
+from .base import CurvatureOptimizer
+from .ekfac import EKFACConfig
+from .tkfac import TKFACBlock, TKFACConfig
 
-__all__ = ["DAMPING_STYLES", "TEKFAC", "TEKFACBlock", "build_tekfac"]
+__all__ = ["DampingStyle", "TEKFAC", "TEKFACBlock", "TEKFACConfig"]
 
-DAMPING_STYLES = ("tkfac", "eigen")
+
+class DampingStyle(StrEnum):
+    """``tkfac``: TKFAC's damping carried into the eigenbasis; ``eigen``: EKFAC's ``s + λ``."""
+
+    tkfac = auto()
+    eigen = auto()
+
+
+@dataclass(kw_only=True)
+class TEKFACConfig(EKFACConfig, TKFACConfig):
+    """TEKFAC's options: TKFAC's factor options, EKFAC's scaling options, the damping style."""
+
+    damping_style: DampingStyle = option(DampingStyle.tkfac, "tkfac | eigen (module doc)")
 
 
 class TEKFACBlock(EigenCorrection, TKFACBlock):
@@ -66,9 +81,8 @@ class TEKFACBlock(EigenCorrection, TKFACBlock):
         projection_dtype: str = "auto",
         flags: StepFlags | None = None,
     ) -> None:
-        _check_choice("damping_style", damping_style, DAMPING_STYLES)
         TKFACBlock.__init__(self, layer, trace_form=trace_form, conv_damping=conv_damping)
-        self.damping_style = damping_style
+        self.damping_style = str(DampingStyle(damping_style))
         self.init_correction(
             scalings=scalings,
             scale_decay=scale_decay,
@@ -109,49 +123,21 @@ class TEKFACBlock(EigenCorrection, TKFACBlock):
 class TEKFAC(EigenCorrectedOptimizer, CurvatureOptimizer):
     """TEKFAC (see the module docstring)."""
 
+    Config = TEKFACConfig
+    config: TEKFACConfig
+
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        trace_form: str = "weighted",
-        conv_damping: str = "standard",
-        damping_style: str = "tkfac",
-        scalings: str = "exact",
-        scale_every: Schedule | None = None,
-        scale_decay: float = 0.95,
-        projection_dtype: str = "auto",
-        **kwargs,
+        self, model: nn.Module, config: TEKFACConfig | None = None, /, **hparams: object
     ) -> None:
-        _check_choice("trace_form", trace_form, TRACE_FORMS)
-        _check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
-        _check_choice("damping_style", damping_style, DAMPING_STYLES)
-        self.trace_form = trace_form
-        self.conv_damping = conv_damping
-        self.damping_style = damping_style
-        self.init_scalings(scalings, scale_every, scale_decay, projection_dtype)
-        super().__init__(model, **kwargs)
+        c = TEKFACConfig.build(config, hparams)
+        self.init_scalings(c.scalings, c.scale_every, c.scale_decay, c.projection_dtype)
+        super().__init__(model, c)
 
     def make_block(self, layer: LayerHelper) -> TEKFACBlock:
         return TEKFACBlock(
             layer,
-            trace_form=self.trace_form,
-            conv_damping=self.conv_damping,
-            damping_style=self.damping_style,
+            trace_form=self.config.trace_form,
+            conv_damping=self.config.conv_damping,
+            damping_style=self.config.damping_style,
             **self.correction_options(),
         )
-
-
-build_tekfac = curvature_factory(TEKFAC, "tekfac")
-
-
-register(
-    OptimizerSpec(
-        name="tekfac",
-        factory=build_tekfac,
-        description="TEKFAC: TKFAC eigenbasis with corrected eigenvalues (re-implementation)",
-        paper="Gao et al., arXiv 2011.13609",
-        needs_model=True,
-        curvature=True,
-        sampled_fisher=True,
-    )
-)

@@ -49,6 +49,10 @@ def cmd_list(argv: list[str]) -> int:
     )
     ap.add_argument("what", choices=["tasks", "optimizers"])
     ap.add_argument("--names", action="store_true", help="names only, one per line")
+    ap.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="optimizers: every hyperparameter with its default and doc",
+    )
     args = ap.parse_args(argv)
     if args.names:
         if args.what == "optimizers":
@@ -58,12 +62,11 @@ def cmd_list(argv: list[str]) -> int:
         print("\n".join(names_of()))
         return 0
     if args.what == "optimizers":
-        from optimizers import REGISTRY, list_optimizers
+        from optimizers import OPTIMIZERS
 
-        names = list_optimizers()
-        w = max(map(len, names))
-        for n in names:
-            s = REGISTRY[n]
+        w = max(map(len, OPTIMIZERS))
+        for n in sorted(OPTIMIZERS):
+            s = OPTIMIZERS[n]
             flags = (
                 ",".join(
                     f
@@ -77,6 +80,10 @@ def cmd_list(argv: list[str]) -> int:
                 or "first-order"
             )
             print(f"{n:<{w}}  {flags:<26} {s.description}" + (f"  [{s.paper}]" if s.paper else ""))
+            if args.verbose:
+                defaults = s.config().to_dict()
+                for key, doc in s.config.docs().items():
+                    print(f"{'':<{w}}    {key} = {defaults[key]!r}  # {doc}")
         return 0
     from hydra import compose, initialize_config_dir
 

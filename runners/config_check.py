@@ -6,8 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from optimizers import get_spec
-from optimizers.registry import validate_hparams
+from optimizers import make_config
 
 from .schedules import SCHEDULES
 
@@ -60,8 +59,8 @@ def check_train(train: dict[str, Any]) -> None:
 
 
 def check_optimizer(opt: dict[str, Any]) -> None:
-    hparams = {k: v for k, v in opt.items() if k != "name"}
-    validate_hparams(get_spec(str(opt.get("name"))), hparams)
+    """Build the optimizer's config dataclass (it names a bad key or value)."""
+    make_config(opt)
 
 
 def check_config(cfg: DictConfig) -> None:
