@@ -3,10 +3,15 @@
 Every optimizer has one keyword-only dataclass deriving from :class:`OptimizerConfig`; each of
 its fields is declared with :func:`option` (default, one-line doc, allowed range) and typed with
 its annotation (``float``, ``int``, ``bool``, ``str``, a :class:`enum.StrEnum` of choices,
-``X | None``, ``list[str]``, or :data:`Schedule`).  :meth:`OptimizerConfig.__post_init__` checks
-every field against its annotation and range, converts a choice string to its enum member, and
-then runs the class's :meth:`~OptimizerConfig.check` for rules that relate fields.  A bad value
-raises :class:`OptimizerConfigError` naming the key (``optimizer.<key> must be ..., got ...``).
+``X | None``, ``list[str]``).  A frequency declared with ``schedule=True`` is an ``int`` in
+config files and may also be a callable ``step -> int`` in the Python API (:data:`Schedule`).
+The annotations are the ones OmegaConf supports, so a config class serves as a Hydra
+ConfigStore schema as it is (``optimizers`` itself never imports Hydra; a schema also shows the
+``init=False`` fields a method derives, and :meth:`OptimizerConfig.build` drops them when they
+hold their default).  :meth:`OptimizerConfig.__post_init__` checks every field against its
+annotation and range, converts a choice string to its enum member, and then runs the class's
+:meth:`~OptimizerConfig.check` for rules that relate fields.  A bad value raises
+:class:`OptimizerConfigError` naming the key (``optimizer.<key> must be ..., got ...``).
 
 Declaring a config::
 
@@ -28,9 +33,11 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, Self
 
 __all__ = [
+    "FieldKind",
     "OptimizerConfig",
     "OptimizerConfigError",
     "Schedule",
+    "field_kinds",
     "option",
     "option_fields",
 ]
@@ -51,11 +58,13 @@ def option(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    schedule: bool = False,
     init: bool = True,
 ) -> Any:
     """A config field: ``default``, a one-line ``doc`` and an optional range (``ge``/``gt`` lower,
-    ``le``/``lt`` upper bound).  ``init=False``: derived by the config, not a user key."""
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    ``le``/``lt`` upper bound).  ``schedule=True``: an int >= 1 or (Python API) a callable
+    ``step -> int``.  ``init=False``: derived by the config, not a user key."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "schedule": schedule}
     return field(default=default, metadata=meta, init=init)
 
 
@@ -100,39 +109,47 @@ def _in_range(v: float, meta: Mapping[str, Any]) -> bool:
 
 
 @dataclass(frozen=True)
-class _Kind:
+class FieldKind:
     """A field's annotation, read once per class."""
 
-    base: Any  # bool, int, float, str, a StrEnum subclass, or list
+    #: bool, int, float, str, a StrEnum subclass, or list (of str)
+    base: Any
+    #: ``None`` allowed (YAML ``null``)
     optional: bool
+    #: int >= 1, or a callable ``step -> int`` (Python API only)
     schedule: bool
 
 
-def _kind(tp: Any) -> _Kind:
+def _kind(tp: Any, schedule: bool) -> FieldKind:
     args = typing.get_args(tp) if isinstance(tp, types.UnionType) or (
         typing.get_origin(tp) is typing.Union
     ) else (tp,)
     optional = type(None) in args
-    schedule = any(typing.get_origin(a) is Callable or a is Callable for a in args)
-    rest = [a for a in args if a is not type(None) and typing.get_origin(a) is not Callable]
+    rest = [a for a in args if a is not type(None)]
     base = rest[0] if rest else Any
     if typing.get_origin(base) is list:
         base = list
-    return _Kind(base, optional, schedule)
+    return FieldKind(base, optional, schedule)
 
 
-_KINDS: dict[type, dict[str, _Kind]] = {}
+_KINDS: dict[type, dict[str, FieldKind]] = {}
 
 
-def _kinds(cls: type) -> dict[str, _Kind]:
-    """Each field's :class:`_Kind` (read once per class)."""
+def field_kinds(cls: type) -> dict[str, FieldKind]:
+    """Each field's :class:`FieldKind` (read once per class): what a schema builder needs,
+    e.g. a Hydra ConfigStore schema types a ``schedule`` field as ``int``."""
     if cls not in _KINDS:
         hints = typing.get_type_hints(cls)
-        _KINDS[cls] = {f.name: _kind(hints[f.name]) for f in dataclasses.fields(cls)}
+        _KINDS[cls] = {
+            f.name: _kind(hints[f.name], bool(f.metadata.get("schedule")))
+            for f in dataclasses.fields(cls)
+        }
     return _KINDS[cls]
 
 
-def check_field(key: str, value: Any, kind: _Kind, meta: Mapping[str, Any], default: Any) -> Any:
+def check_field(
+    key: str, value: Any, kind: FieldKind, meta: Mapping[str, Any], default: Any
+) -> Any:
     """``value`` checked against its annotation and range; returns it (a choice string as its
     enum member, a single name as a one-name list)."""
     if value is None and kind.optional:
@@ -182,13 +199,10 @@ class OptimizerConfig:
     """Base of the optimizer config dataclasses (see the module docstring)."""
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if not f.init:
-                continue
-            value = check_field(
-                f.name, getattr(self, f.name), _kinds(type(self))[f.name], f.metadata, f.default
-            )
-            object.__setattr__(self, f.name, value)
+        kinds = field_kinds(type(self))
+        for f in option_fields(type(self)):
+            value = check_field(f.name, getattr(self, f.name), kinds[f.name], f.metadata, f.default)
+            setattr(self, f.name, value)
         self.check()
 
     def check(self) -> None:
@@ -217,6 +231,13 @@ class OptimizerConfig:
         """``config`` (default: the defaults) with ``hparams`` overriding it; an unknown key
         raises naming the valid ones."""
         hparams = dict(hparams or {})
+        for f in dataclasses.fields(cls):
+            if not f.init and f.name in hparams:  # a derived field, e.g. echoed by a schema
+                if hparams.pop(f.name) != f.default:
+                    raise OptimizerConfigError(
+                        f"optimizer.{f.name} cannot be set for {label or cls.__name__}: "
+                        f"{f.metadata.get('doc', 'derived')}"
+                    )
         unknown = sorted(set(hparams) - set(cls.keys()))
         if unknown:
             raise OptimizerConfigError(

@@ -60,8 +60,9 @@ Example (a diagonal-of-A toy method)::
         def make_block(self, layer):
             return DiagABlock(layer)
 
-Subclasses that need extra options set them as attributes *before* calling
-``super().__init__`` (``make_block`` runs inside it).
+A method with options of its own declares a :class:`CurvatureConfig` subclass (fields made
+with :func:`optimizers._config.option`), sets ``Config`` to it, and reads ``self.config`` in
+``make_block``; the optimizer takes ``(model, config)`` or the config's keys as keywords.
 
 Distributed (KAISA, :mod:`optimizers._distributed`): under DDP (``torch.distributed``
 initialised, world size > 1) the optimizer all-reduces every block's pending sums and counters
@@ -141,15 +142,28 @@ STAT_DTYPES: dict[str | None, torch.dtype | None] = {
 
 @dataclass(kw_only=True)
 class CurvatureConfig(OptimizerConfig):
-    """The options every curvature optimizer shares (see :class:`CurvatureOptimizer`)."""
+    """The options every curvature optimizer shares.
+
+    SGD (``lr``, ``momentum``, ``nesterov``, ``weight_decay``) acts on the preconditioned
+    direction.  ``damping`` lives in each param group (a schedule may change
+    ``group["damping"]``; it takes effect at the next refresh).  ``stat_every``/``inv_every``
+    may be a callable ``step -> int`` in the Python API.  ``kl_clip``: ALGORITHMS.md §0.7.
+    ``grad_worker_fraction`` (KAISA, only under DDP with world size ``W > 1``): ``1`` = every
+    rank holds every decomposition (COMM_OPT), ``1/W`` = one rank per layer preconditions and
+    broadcasts the result (MEM_OPT); ``W·f`` must divide ``W``.  ``stat_dtype="float64"`` makes
+    a 2-process DDP run reproduce a 1-process run within 1e-4, where float32 sums drift ~2e-4,
+    at about twice the statistics cost on CPU.
+    """
 
     lr: float = option(0.1, "learning rate", ge=0)
     momentum: float = option(0.9, "heavy-ball momentum on the preconditioned direction", ge=0, lt=1)
     nesterov: bool = option(False, "Nesterov momentum (needs momentum > 0)")
     weight_decay: float = option(0.0, "weight decay (not on biases and norms)", ge=0)
     damping: float = option(1e-2, "Tikhonov damping of the curvature (per param group)", gt=0)
-    stat_every: Schedule = option(10, "statistics on steps k % stat_every == 0")
-    inv_every: Schedule = option(100, "inverse / eigendecomposition refresh every k steps")
+    stat_every: int = option(10, "statistics on steps k % stat_every == 0", schedule=True)
+    inv_every: int = option(
+        100, "inverse / eigendecomposition refresh every k steps", schedule=True
+    )
     stat_decay: float = option(0.95, "EMA weight of the OLD statistic", ge=0, lt=1)
     kl_clip: float | None = option(1e-2, "KL clip kappa (null: off)", gt=0)
     fisher: Fisher = option(Fisher.ef, "ef: training labels; mc: sampled labels (extra backward)")
@@ -365,22 +379,8 @@ class _Capture:
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Shared optimizer for per-layer curvature blocks (see the module docstring).
 
-    Keyword arguments (all validated; a bad value raises ``ValueError`` naming the key):
-    ``lr``, ``momentum``, ``nesterov``, ``weight_decay`` (SGD on the preconditioned direction;
-    no decay on biases and norms), ``damping`` (> 0, per param group: a schedule may change
-    ``group["damping"]``; it takes effect at the next refresh), ``stat_every`` / ``inv_every``
-    (int >= 1 or ``callable(step) -> int``: statistics on steps ``k % stat_every == 0``,
-    refresh on ``k % inv_every == 0``), ``stat_decay`` (EMA weight of the OLD value, in [0, 1)),
-    ``kl_clip`` (``None`` or κ > 0, §0.7), ``fisher`` (``ef`` | ``mc``), ``loss_average``
-    (``batch`` | ``tokens``), ``skip_layers`` (module names, globs or class names),
-    ``layers`` (``None`` = every supported layer; else only these, and an unsupported one is an
-    error), ``grad_worker_fraction`` (KAISA, used only under DDP with world size ``W > 1``:
-    ``1`` = every rank holds every decomposition (COMM_OPT), ``1/W`` = one rank per layer
-    preconditions and broadcasts the result (MEM_OPT); ``W·f`` must divide ``W``),
-    ``stat_dtype`` (``None`` = the compute dtype, or ``"float32"`` / ``"float64"``: the dtype of
-    the per-step batch sums of outer products; ``"float64"`` makes a 2-process DDP run
-    reproduce a 1-process run within 1e-4, where float32 sums drift ~2e-4, at about twice the
-    statistics cost on CPU).
+    Options: :class:`CurvatureConfig` (or the method's subclass of it), given as a config or as
+    its keys (``KFAC(model, damping=1e-3)``).
 
     Under DDP build the optimizer on the bare model after ``init_process_group``; the
     distributed work assignment is made at the first :meth:`step`.  Before saving a checkpoint

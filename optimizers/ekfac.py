@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._config import Schedule, option
+from ._config import option
 from ._eigencorrect import (
     EigenCorrectedOptimizer,
     EigenCorrection,
@@ -63,7 +63,9 @@ class EKFACConfig(CurvatureConfig):
     """EKFAC's options: the shared curvature options plus the scaling estimate (module doc)."""
 
     scalings: Scalings = option(Scalings.exact, "exact (per-example, the paper) | ra")
-    scale_every: Schedule | None = option(None, "scalings every k steps (null: stat steps)")
+    scale_every: int | None = option(
+        None, "scalings every k steps (null: on the statistic steps)", schedule=True
+    )
     scale_decay: float = option(0.95, "cap of the scalings' EMA old-value weight", ge=0, lt=1)
     projection_dtype: ProjectionDtype = option(
         ProjectionDtype.auto, "projection multiply dtype: auto | float32 | float64 | bfloat16"

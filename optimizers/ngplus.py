@@ -56,7 +56,7 @@ from enum import StrEnum, auto
 import torch
 from torch import Tensor, nn
 
-from ._config import Schedule, option, redefault
+from ._config import option, redefault
 from ._layers import LayerHelper
 from ._linalg import safe_inv
 from .base import CurvatureBlock, CurvatureConfig, CurvatureOptimizer
@@ -85,9 +85,12 @@ class NGPlusConfig(CurvatureConfig):
     """NG+'s options (module docstring); ``stat_decay`` is derived: ``1 - curvature_momentum``."""
 
     damping: float = redefault(CurvatureConfig, "damping", 0.35)
-    stat_every: Schedule = redefault(CurvatureConfig, "stat_every", 100)
+    stat_every: int = redefault(CurvatureConfig, "stat_every", 100)
     kl_clip: float | None = redefault(CurvatureConfig, "kl_clip", None)
-    stat_decay: float = option(0.1, "derived: 1 - curvature_momentum", init=False)
+    stat_decay: float = option(
+        0.1, "NG+ takes curvature_momentum (the weight of the NEW statistic); "
+        "stat_decay = 1 - curvature_momentum", init=False,
+    )
     curvature_momentum: float = option(0.9, "EMA weight of the NEW statistic", gt=0, le=1)
     sqrt_damping: bool = option(True, "diagonal shift √damping (the reference) instead of damping")
     conv_scale: ConvScale = option(ConvScale.sqrt_t, "conv statistics: sqrt_t | t | none")

@@ -107,7 +107,7 @@ class SNGDConfig(CurvatureConfig):
     damping: float = redefault(CurvatureConfig, "damping", 1e-3)
     stat_decay: float = option(0.995, "EMA weight of the OLD metric, per iteration", ge=0, lt=1)
     kl_clip: float | None = redefault(CurvatureConfig, "kl_clip", None)
-    fisher: Fisher = option(Fisher.ef, "always ef (training labels)", init=False)
+    fisher: Fisher = option(Fisher.ef, "SNGD always uses ef (training labels)", init=False)
     mode: Mode = option(Mode.rfim, "rfim | input")
     conv_mode: ConvMode = option(ConvMode.input, "input | unit (conv layers)")
     unit_weight: UnitWeight = option(UnitWeight.sigmoid, "sigmoid | one")
