@@ -148,3 +148,14 @@ def test_capabilities(name):
     assert opt.memory_usage()["total"] > 0
     times = opt.phase_times()
     assert times and all(v >= 0 for v in times.values()) and sum(times.values()) > 0
+
+
+def test_list_optimizers_verbose_shows_every_key_with_default_and_doc(capsys):
+    from runners.cli import cmd_list
+
+    assert cmd_list(["optimizers", "-v"]) == 0
+    out = capsys.readouterr().out
+    for name in OPTS:
+        cls = config_class(name)
+        for key, doc in cls.docs().items():
+            assert f"{key} = {cls().to_dict()[key]!r}  # {doc}" in out, (name, key)
