@@ -1,57 +1,65 @@
 """ngbench optimizers: first-order baselines and natural-gradient-family methods.
 
-A library that stands alone: it never imports ``tasks`` or ``runners``.
-``build_optimizer(name_or_cfg, model, **hparams)`` builds any registered one.
+A library that stands alone: it never imports ``tasks`` or ``runners`` (nor Hydra).
+``build_optimizer(name_or_cfg, model, **hparams)`` builds any registered one; every optimizer
+also takes its config dataclass (``KFAC(model, KFACConfig(damping=1e-3))``).
 """
 
-from .first_order import build_adamw, build_sgd
+from ._config import OptimizerConfig, OptimizerConfigError
+from .base import CurvatureConfig
+from .capabilities import Instrumented
+from .ekfac import EKFAC, EKFACConfig
+from .first_order import AdamWConfig, SGDConfig
+from .kfac import KFAC, KFACConfig
+from .mbf import MBF, MBFConfig
+from .ngplus import NGPlus, NGPlusConfig
 from .registry import (
+    OPTIMIZERS,
     REGISTRY,
-    OptimizerConfigError,
     OptimizerSpec,
     build_optimizer,
+    config_class,
     get_spec,
     list_optimizers,
-    register,
+    make_config,
 )
-
-register(
-    OptimizerSpec(
-        name="sgd",
-        factory=build_sgd,
-        description="SGD with (Nesterov) momentum and weight decay",
-        paper="Polyak 1964; Nesterov 1983",
-    )
-)
-register(
-    OptimizerSpec(
-        name="adamw",
-        factory=build_adamw,
-        description="Adam with decoupled weight decay",
-        paper="Loshchilov & Hutter, ICLR 2019",
-    )
-)
-
-# Curvature optimizers register themselves on import: one line per module below.
-# --- method modules (keep this marker) ---
-from . import ekfac
-from . import kfac
-from . import mbf
-from . import ngplus
-from . import shampoo
-from . import sngd
-from . import soap
-from . import tekfac
-from . import tkfac
+from .shampoo import Shampoo, ShampooConfig
+from .sngd import SNGD, SNGDConfig
+from .soap import SOAP, SOAPConfig
+from .tekfac import TEKFAC, TEKFACConfig
+from .tkfac import TKFAC, TKFACConfig
 
 __all__ = [
+    "EKFAC",
+    "KFAC",
+    "MBF",
+    "OPTIMIZERS",
     "REGISTRY",
+    "SNGD",
+    "SOAP",
+    "TEKFAC",
+    "TKFAC",
+    "AdamWConfig",
+    "CurvatureConfig",
+    "EKFACConfig",
+    "Instrumented",
+    "KFACConfig",
+    "MBFConfig",
+    "NGPlus",
+    "NGPlusConfig",
+    "OptimizerConfig",
     "OptimizerConfigError",
     "OptimizerSpec",
-    "build_adamw",
+    "SGDConfig",
+    "SNGDConfig",
+    "SOAPConfig",
+    "Shampoo",
+    "ShampooConfig",
+    "TEKFACConfig",
+    "TKFACConfig",
     "build_optimizer",
-    "build_sgd",
+    "config_class",
     "get_spec",
     "list_optimizers",
-    "register",
+    "make_config",
 ]

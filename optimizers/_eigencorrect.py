@@ -47,15 +47,17 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum, auto
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from ._config import option
 from ._distributed import PendingStats
 from ._layers import LayerHelper
 from ._linalg import safe_eigh
-from .base import CurvatureBlock, CurvatureOptimizer, Schedule, check_schedule, freq_at
+from .base import CurvatureBlock, CurvatureConfig, CurvatureOptimizer, Schedule, freq_at
 
 __all__ = [
     "PROJECTION_DTYPES",
@@ -63,8 +65,11 @@ __all__ = [
     "DampingRule",
     "EigenCorrectedBlock",
     "EigenCorrectedOptimizer",
+    "EigenCorrectedConfig",
     "FactorStructure",
     "KroneckerEigen",
+    "ProjectionDtype",
+    "Scalings",
     "StepFlags",
     "constant_damping",
     "projected_second_moment",
@@ -73,7 +78,38 @@ __all__ = [
 
 #: ``exact``: per-example projected gradients (the paper); ``ra``: running average of
 #: ``N·(Q_Gᵀ V Q_A)²`` of the mini-batch gradient (Thrandis/EKFAC-pytorch ``ra=True``)
-SCALING_MODES = ("exact", "ra")
+class Scalings(StrEnum):
+    """How the eigenbasis scalings are estimated (see the comment above)."""
+
+    exact = auto()
+    ra = auto()
+
+
+class ProjectionDtype(StrEnum):
+    """dtype the exact scalings' projections are multiplied in (``auto``: see below)."""
+
+    auto = "auto"
+    float32 = "float32"
+    float64 = "float64"
+    bfloat16 = "bfloat16"
+
+
+SCALING_MODES = tuple(Scalings)
+
+
+@dataclass(kw_only=True)
+class EigenCorrectedConfig(CurvatureConfig):
+    """The eigen-corrected methods' options: the shared curvature options plus the scalings'
+    estimate (EKFAC and TEKFAC extend it)."""
+
+    scalings: Scalings = option(Scalings.exact, "exact (per-example, the paper) | ra")
+    scale_every: int | None = option(
+        None, "scalings every k steps (null: on the statistic steps)", schedule=True
+    )
+    scale_decay: float = option(0.95, "cap of the scalings' EMA old-value weight", ge=0, lt=1)
+    projection_dtype: ProjectionDtype = option(
+        ProjectionDtype.auto, "projection multiply dtype: auto | float32 | float64 | bfloat16"
+    )
 
 #: elements of one chunk of per-example ``m × n`` matrices (bounds the conv path's memory; 2 MB
 #: in float32 measured 5-20 % faster than 16 MB on the small CNN's conv layers, 2-core CPU)
@@ -462,30 +498,31 @@ class EigenCorrectedBlock(CurvatureBlock):
 
 # ----------------------------------------------------------------------------- the optimizer
 class EigenCorrectedOptimizer(CurvatureOptimizer):
-    """Base of the eigen-corrected methods: scaling options and schedule, per-step flags.
+    """Base of the eigen-corrected methods: scaling options (:class:`EigenCorrectedConfig`)
+    and schedule, per-step flags.
 
     A method's :meth:`make_block` returns :meth:`corrected` of its factor structure (and its
     damping rule).
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        scalings: str = "exact",
-        scale_every: Schedule | None = None,
-        scale_decay: float = 0.95,
-        projection_dtype: str = "auto",
-        **kwargs: Any,
-    ) -> None:
-        _check_scaling_options(scalings, scale_decay, projection_dtype)
-        self.projection_dtype = projection_dtype
-        self.scalings = scalings
-        self.scale_every: Schedule | None = (
-            None if scale_every is None else check_schedule("scale_every", scale_every)
-        )
-        self.scale_decay = float(scale_decay)
-        super().__init__(model, **kwargs)
+    Config: type[CurvatureConfig] = EigenCorrectedConfig
+    config: EigenCorrectedConfig
+
+    @property
+    def scalings(self) -> str:
+        return str(self.config.scalings)
+
+    @property
+    def scale_every(self) -> Schedule | None:
+        return self.config.scale_every
+
+    @property
+    def scale_decay(self) -> float:
+        return float(self.config.scale_decay)
+
+    @property
+    def projection_dtype(self) -> str:
+        return str(self.config.projection_dtype)
 
     @functools.cached_property
     def step_flags(self) -> StepFlags:

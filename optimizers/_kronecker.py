@@ -39,6 +39,7 @@ The running factors are kept in the compute dtype.
 from __future__ import annotations
 
 import math
+from enum import StrEnum, auto
 
 import torch
 from torch import Tensor
@@ -49,12 +50,21 @@ from ._linalg import gram as _gram
 from ._linalg import safe_eigh, safe_inv
 from .base import CurvatureBlock
 
-__all__ = ["APPROXES", "DAMPING_FORMS", "KroneckerBlock"]
+__all__ = ["APPROXES", "DAMPING_FORMS", "Approx", "KroneckerBlock"]
 
 DAMPING_FORMS = ("eigen", "factored_tikhonov", "inverse")
-#: how a layer that shares its weight over locations (conv pixels, sequence tokens) is
-#: factored: ``expand`` (locations as extra samples, KFC) or ``reduce`` (Eschenhagen et al. 2023)
-APPROXES = ("expand", "reduce")
+
+
+class Approx(StrEnum):
+    """How a layer that shares its weight over locations (conv pixels, sequence tokens) is
+    factored: ``expand`` (locations as extra samples, KFC) or ``reduce`` (Eschenhagen et al.,
+    NeurIPS 2023: locations summed before the outer products)."""
+
+    expand = auto()
+    reduce = auto()
+
+
+APPROXES = tuple(Approx)
 
 _DERIVED = ("dA", "QA", "dG", "QG", "scale", "Ainv", "Ginv")
 

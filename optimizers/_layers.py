@@ -20,6 +20,7 @@ its own example and ``T == 1``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from enum import StrEnum, auto
 from typing import cast
 
 import torch
@@ -30,6 +31,7 @@ from ._linalg import add_gram_, complete_gram_, gram
 
 __all__ = [
     "LOSS_AVERAGES",
+    "LossAverage",
     "LayerHelper",
     "LinearHelper",
     "Conv2dHelper",
@@ -39,7 +41,14 @@ __all__ = [
     "unsupported_reason",
 ]
 
-LOSS_AVERAGES = ("batch", "tokens")
+class LossAverage(StrEnum):
+    """What the loss averages over: ``batch`` (hook grad × N) or ``tokens`` (× N·R)."""
+
+    batch = auto()
+    tokens = auto()
+
+
+LOSS_AVERAGES = tuple(LossAverage)
 
 
 class UnsupportedLayerError(ValueError):

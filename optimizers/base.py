@@ -60,8 +60,9 @@ Example (a diagonal-of-A toy method)::
         def make_block(self, layer):
             return DiagABlock(layer)
 
-Subclasses that need extra options set them as attributes *before* calling
-``super().__init__`` (``make_block`` runs inside it).
+A method with options of its own declares a :class:`CurvatureConfig` subclass (fields made
+with :func:`optimizers._config.option`), sets ``Config`` to it, and reads ``self.config`` in
+``make_block``; the optimizer takes ``(model, config)`` or the config's keys as keywords.
 
 Distributed (KAISA, :mod:`optimizers._distributed`): every exchange goes through the
 optimizer's communication object, local in one process.  Under DDP (``torch.distributed``
@@ -85,20 +86,22 @@ eigenvalue-corrected scalings to any such factor structure (EKFAC, TEKFAC).
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum, auto
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from ._config import OptimizerConfig, OptimizerConfigError, Schedule, option
 from ._distributed import Assignment, Comm, LocalComm, PendingStats, Refreshed, make_comm
-from ._layers import LOSS_AVERAGES, LayerHelper, make_helper, unsupported_reason
+from ._layers import LayerHelper, LossAverage, make_helper, unsupported_reason
 from ._linalg import compute_dtype
 from .param_groups import split_decay_groups
 
@@ -107,35 +110,88 @@ __all__ = [
     "PHASES",
     "CurvatureBlock",
     "CurvatureOptimizer",
+    "CurvatureConfig",
+    "Fisher",
     "Schedule",
     "STAT_DTYPES",
+    "StatDtype",
     "check_choice",
     "check_schedule",
-    "curvature_factory",
     "freq_at",
 ]
 
 log = logging.getLogger(__name__)
 
-#: ``ef``: G from the training backward (empirical Fisher); ``mc``: from the sampled-label
-#: backward run inside :meth:`CurvatureOptimizer.sampled_backward` (true Fisher, MC estimate)
-FISHER_TYPES = ("ef", "mc")
+class Fisher(StrEnum):
+    """``ef``: G from the training backward (empirical Fisher); ``mc``: from the sampled-label
+    backward run inside :meth:`CurvatureOptimizer.sampled_backward` (true Fisher, MC estimate)."""
+
+    ef = auto()
+    mc = auto()
+
+
+class StatDtype(StrEnum):
+    """dtype of the per-step batch sums of blocks that have one (null: the compute dtype)."""
+
+    float32 = auto()
+    float64 = auto()
+
+
+FISHER_TYPES = tuple(Fisher)
 PHASES = ("statistics", "inverse", "precondition")
 #: ``stat_dtype`` choices: dtype of the per-step batch sums of blocks that have one
 STAT_DTYPES: dict[str | None, torch.dtype | None] = {
     None: None, "float32": torch.float32, "float64": torch.float64,
 }
 
-#: a frequency: an int >= 1, or a callable ``step -> int >= 1`` (a schedule)
-Schedule = int | Callable[[int], int]
 
+@dataclass(kw_only=True)
+class CurvatureConfig(OptimizerConfig):
+    """The options every curvature optimizer shares.
 
-def _check_positive(key: str, value: Any, *, strict: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or math.isnan(value) or (value <= 0 if strict else value < 0):
-        bound = "> 0" if strict else ">= 0"
-        raise ValueError(f"optimizer.{key} must be a number {bound}, got {value!r}")
-    return float(value)
+    SGD (``lr``, ``momentum``, ``nesterov``, ``weight_decay``) acts on the preconditioned
+    direction.  ``damping`` lives in each param group (a schedule may change
+    ``group["damping"]``; it takes effect at the next refresh).  ``stat_every``/``inv_every``
+    may be a callable ``step -> int`` in the Python API.  ``kl_clip``: ALGORITHMS.md §0.7.
+    ``grad_worker_fraction`` (KAISA, only under DDP with world size ``W > 1``): ``1`` = every
+    rank holds every decomposition (COMM_OPT), ``1/W`` = one rank per layer preconditions and
+    broadcasts the result (MEM_OPT); ``W·f`` must divide ``W``.  ``stat_dtype="float64"`` makes
+    a 2-process DDP run reproduce a 1-process run within 1e-4, where float32 sums drift ~2e-4,
+    at about twice the statistics cost on CPU.
+    """
+
+    lr: float = option(0.1, "learning rate", ge=0)
+    momentum: float = option(0.9, "heavy-ball momentum on the preconditioned direction", ge=0, lt=1)
+    nesterov: bool = option(False, "Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = option(0.0, "weight decay (not on biases and norms)", ge=0)
+    damping: float = option(1e-2, "Tikhonov damping of the curvature (per param group)", gt=0)
+    stat_every: int = option(10, "statistics on steps k % stat_every == 0", schedule=True)
+    inv_every: int = option(
+        100, "inverse / eigendecomposition refresh every k steps", schedule=True
+    )
+    stat_decay: float = option(0.95, "EMA weight of the OLD statistic", ge=0, lt=1)
+    kl_clip: float | None = option(1e-2, "KL clip kappa (null: off)", gt=0)
+    fisher: Fisher = option(Fisher.ef, "ef: training labels; mc: sampled labels (extra backward)")
+    loss_average: LossAverage = option(
+        LossAverage.batch, "batch: hook grad x N; tokens: x N*R (every token an example)"
+    )
+    skip_layers: list[str] | None = option(
+        None, "module names, globs or class names left to plain SGD"
+    )
+    layers: list[str] | None = option(
+        None, "null: every supported layer; else only these (an unsupported one is an error)"
+    )
+    grad_worker_fraction: float = option(
+        1.0, "DDP (KAISA): 1 = every rank holds every decomposition; 1/world: one per layer",
+        gt=0, le=1,
+    )
+    stat_dtype: StatDtype | None = option(
+        None, "batch-sum dtype: null (compute dtype), float32 or float64 (exact DDP)"
+    )
+
+    def check(self) -> None:
+        if self.nesterov and self.momentum <= 0:
+            raise OptimizerConfigError("optimizer.nesterov=true needs optimizer.momentum > 0")
 
 
 def check_schedule(key: str, value: Any) -> Schedule:
@@ -161,22 +217,6 @@ def check_choice(key: str, value: object, choices: Sequence[str]) -> None:
     """Raise ``ValueError`` naming ``optimizer.key`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"optimizer.{key} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _as_names(key: str, value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    try:
-        names = list(value)
-    except TypeError:
-        names = None
-    if names is None or not all(isinstance(v, str) for v in names):
-        raise ValueError(
-            f"optimizer.{key} must be a list of module names or classes, got {value!r}"
-        )
-    return names
 
 
 def _matches(pattern: str, name: str, module: nn.Module) -> bool:
@@ -348,22 +388,8 @@ class _Capture:
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Shared optimizer for per-layer curvature blocks (see the module docstring).
 
-    Keyword arguments (all validated; a bad value raises ``ValueError`` naming the key):
-    ``lr``, ``momentum``, ``nesterov``, ``weight_decay`` (SGD on the preconditioned direction;
-    no decay on biases and norms), ``damping`` (> 0, per param group: a schedule may change
-    ``group["damping"]``; it takes effect at the next refresh), ``stat_every`` / ``inv_every``
-    (int >= 1 or ``callable(step) -> int``: statistics on steps ``k % stat_every == 0``,
-    refresh on ``k % inv_every == 0``), ``stat_decay`` (EMA weight of the OLD value, in [0, 1)),
-    ``kl_clip`` (``None`` or κ > 0, §0.7), ``fisher`` (``ef`` | ``mc``), ``loss_average``
-    (``batch`` | ``tokens``), ``skip_layers`` (module names, globs or class names),
-    ``layers`` (``None`` = every supported layer; else only these, and an unsupported one is an
-    error), ``grad_worker_fraction`` (KAISA, used only under DDP with world size ``W > 1``:
-    ``1`` = every rank holds every decomposition (COMM_OPT), ``1/W`` = one rank per layer
-    preconditions and broadcasts the result (MEM_OPT); ``W·f`` must divide ``W``),
-    ``stat_dtype`` (``None`` = the compute dtype, or ``"float32"`` / ``"float64"``: the dtype of
-    the per-step batch sums of outer products; ``"float64"`` makes a 2-process DDP run
-    reproduce a 1-process run within 1e-4, where float32 sums drift ~2e-4, at about twice the
-    statistics cost on CPU).
+    Options: :class:`CurvatureConfig` (or the method's subclass of it), given as a config or as
+    its keys (``KFAC(model, damping=1e-3)``).
 
     Under DDP build the optimizer on the bare model after ``init_process_group``; the
     distributed work assignment is made at the first :meth:`step`.  Before saving a checkpoint
@@ -371,91 +397,49 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     rank.
     """
 
+    #: the config dataclass of this optimizer (a method with options of its own sets its own)
+    Config: type[CurvatureConfig] = CurvatureConfig
+
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        damping: float = 1e-2,
-        stat_every: Schedule = 10,
-        inv_every: Schedule = 100,
-        stat_decay: float = 0.95,
-        kl_clip: float | None = 1e-2,
-        fisher: str = "ef",
-        loss_average: str = "batch",
-        skip_layers: Sequence[str] | None = None,
-        layers: Sequence[str] | None = None,
-        grad_worker_fraction: float = 1.0,
-        stat_dtype: str | None = None,
+        self, model: nn.Module, config: CurvatureConfig | None = None, /, **hparams: Any
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"a curvature optimizer needs the model (nn.Module), got {model!r}")
-        _check_positive("lr", lr, strict=False)
-        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise ValueError(f"optimizer.momentum must be in [0, 1), got {momentum!r}")
-        if nesterov and momentum <= 0:
-            raise ValueError("optimizer.nesterov=true needs optimizer.momentum > 0")
-        _check_positive("weight_decay", weight_decay, strict=False)
-        _check_positive("damping", damping)
-        if not isinstance(stat_decay, (int, float)) or not 0 <= stat_decay < 1:
-            raise ValueError(f"optimizer.stat_decay must be in [0, 1), got {stat_decay!r}")
-        if kl_clip is not None:
-            _check_positive("kl_clip", kl_clip)
-        ok = isinstance(grad_worker_fraction, (int, float)) and not isinstance(
-            grad_worker_fraction, bool
-        )
-        if not ok or not 0 < grad_worker_fraction <= 1:
-            raise ValueError(
-                "optimizer.grad_worker_fraction must be in [1/world_size, 1], "
-                f"got {grad_worker_fraction!r}"
-            )
-        self.grad_worker_fraction = float(grad_worker_fraction)
-        if stat_dtype not in STAT_DTYPES:
-            raise ValueError(
-                "optimizer.stat_dtype must be one of null (the compute dtype), "
-                f"{', '.join(k for k in STAT_DTYPES if k)}; got {stat_dtype!r}"
-            )
-        self.stat_dtype = STAT_DTYPES[stat_dtype]
-        if fisher not in FISHER_TYPES:
-            raise ValueError(
-                f"optimizer.fisher must be one of {', '.join(FISHER_TYPES)}, got {fisher!r}"
-            )
-        if loss_average not in LOSS_AVERAGES:
-            raise ValueError(
-                f"optimizer.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
-                f"got {loss_average!r}"
-            )
-        self.stat_every = check_schedule("stat_every", stat_every)
-        self.inv_every = check_schedule("inv_every", inv_every)
+        cfg = self.Config.build(config, hparams)
+        #: the validated hyperparameters (one :class:`CurvatureConfig` subclass per method)
+        self.config = cfg
+        stat_every, inv_every = cfg.stat_every, cfg.inv_every
         if isinstance(stat_every, int) and isinstance(inv_every, int) and inv_every % stat_every:
             warnings.warn(
                 f"optimizer.inv_every={inv_every} is not a multiple of "
                 f"optimizer.stat_every={stat_every}",
                 stacklevel=2,
             )
-        self.stat_decay = float(stat_decay)
-        self.kl_clip = None if kl_clip is None else float(kl_clip)
-        self.fisher = fisher
-        self.loss_average = loss_average
+        self.grad_worker_fraction = float(cfg.grad_worker_fraction)
+        self.stat_dtype = STAT_DTYPES[None if cfg.stat_dtype is None else str(cfg.stat_dtype)]
+        self.stat_every: Schedule = stat_every
+        self.inv_every: Schedule = inv_every
+        self.stat_decay = float(cfg.stat_decay)
+        self.kl_clip = None if cfg.kl_clip is None else float(cfg.kl_clip)
+        self.fisher = str(cfg.fisher)
+        self.loss_average = str(cfg.loss_average)
+        weight_decay = cfg.weight_decay
 
         groups = split_decay_groups(model, float(weight_decay))
         defaults = dict(
-            lr=float(lr),
-            momentum=float(momentum),
-            nesterov=bool(nesterov),
+            lr=float(cfg.lr),
+            momentum=float(cfg.momentum),
+            nesterov=bool(cfg.nesterov),
             weight_decay=float(weight_decay),
-            damping=float(damping),
+            damping=float(cfg.damping),
         )
         super().__init__(groups, defaults)
 
         self.model = model
         self.layers: dict[str, LayerHelper] = self._discover(
             model,
-            _as_names("skip_layers", skip_layers),
-            None if layers is None else _as_names("layers", layers),
+            list(cfg.skip_layers or []),
+            None if cfg.layers is None else list(cfg.layers),
         )
         self.blocks: dict[str, CurvatureBlock] = {
             name: self.make_block(h) for name, h in self.layers.items()
@@ -824,6 +808,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Cumulative seconds per phase (``statistics`` includes the hook work)."""
         return dict(self._times)
 
+    def refresh_period(self) -> int:
+        """Steps between inverse refreshes (``inv_every``; a schedule's value at this step)."""
+        return freq_at("inv_every", self.inv_every, self._step)
+
     def memory_usage(self) -> dict[str, int]:
         """Bytes of curvature state per tensor kind (e.g. ``A``, ``G``, ``QA``) and ``total``."""
         out: dict[str, int] = {}
@@ -883,51 +871,3 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for caps in self._captures.values():
             caps.clear()
         self._capture_on = self.capture_step(self._step)
-
-
-def curvature_factory(
-    cls: type[CurvatureOptimizer],
-    name: str,
-    *,
-    exclude: Sequence[str] = (),
-    **defaults: Any,
-) -> Callable[..., CurvatureOptimizer]:
-    """The registry factory ``build_<name>(model, **hparams)`` of a curvature optimizer.
-
-    Its signature (which the registry and the config check read) is every keyword-only argument
-    of ``cls.__init__`` and of its :class:`CurvatureOptimizer` bases, with ``defaults`` (the
-    method's published defaults) replacing the class defaults and ``exclude`` left out (options
-    a method sets itself).  Every base option (``grad_worker_fraction``, ``stat_dtype``, ...)
-    is therefore settable from a config without being listed per method.
-    """
-    params: dict[str, inspect.Parameter] = {}
-    for klass in reversed(cls.__mro__):
-        if isinstance(klass, type) and issubclass(klass, CurvatureOptimizer):
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            for p in inspect.signature(init).parameters.values():
-                if p.kind is p.KEYWORD_ONLY:
-                    params[p.name] = p
-    params = {k: p for k, p in params.items() if k not in exclude}
-    unknown = sorted(set(defaults) - set(params))
-    if unknown:
-        raise TypeError(f"{cls.__name__} has no keyword argument(s) {', '.join(unknown)}")
-    for key, value in defaults.items():
-        params[key] = params[key].replace(default=value)
-    # lr first, then the rest in declaration order (base options before method options)
-    ordered = sorted(params.values(), key=lambda p: p.name != "lr")
-    model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                              annotation=nn.Module)
-    base = {p.name: p.default for p in ordered}
-
-    def factory(model: nn.Module, **hparams: Any) -> CurvatureOptimizer:
-        bad = sorted(set(hparams) - set(base))
-        if bad:
-            raise TypeError(f"{name}: unexpected keyword argument(s) {', '.join(bad)}")
-        return cls(model, **{**base, **hparams})
-
-    vars(factory)["__signature__"] = inspect.Signature([model, *ordered], return_annotation=cls)
-    factory.__name__ = factory.__qualname__ = f"build_{name}"
-    factory.__doc__ = f"Build :class:`{cls.__module__}.{cls.__name__}` (registry name {name!r})."
-    return factory

@@ -38,42 +38,32 @@ Choices (explicit options, defaults first):
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from torch import nn
-
-from ._eigencorrect import EigenCorrectedBlock, EigenCorrectedOptimizer
-from ._kronecker import KroneckerBlock, check_approx
+from ._config import option
+from ._eigencorrect import EigenCorrectedBlock, EigenCorrectedConfig, EigenCorrectedOptimizer
+from ._kronecker import Approx, KroneckerBlock
 from ._layers import LayerHelper
-from .base import curvature_factory
-from .registry import OptimizerSpec, register
+from .base import CurvatureConfig
 
-__all__ = ["EKFAC", "build_ekfac"]
+__all__ = ["EKFAC", "EKFACConfig"]
+
+
+@dataclass(kw_only=True)
+class EKFACConfig(EigenCorrectedConfig):
+    """EKFAC's options: the shared curvature and scaling options plus K-FAC's ``approx``."""
+
+    approx: Approx = option(
+        Approx.expand, "expand | reduce: the factors' weight-sharing treatment (as K-FAC's)"
+    )
 
 
 class EKFAC(EigenCorrectedOptimizer):
     """EKFAC (see the module docstring): eigenvalue-corrected K-FAC factors, ``D = λ``."""
 
-    def __init__(self, model: nn.Module, *, approx: str = "expand", **kwargs: Any) -> None:
-        check_approx(approx)
-        self.approx = approx  # factors as K-FAC's (optimizers/kfac.py); scalings stay exact
-        super().__init__(model, **kwargs)
+    Config: type[CurvatureConfig] = EKFACConfig
+    config: EKFACConfig
 
     def make_block(self, layer: LayerHelper) -> EigenCorrectedBlock:
-        return self.corrected(KroneckerBlock(layer, approx=self.approx))
-
-
-build_ekfac = curvature_factory(EKFAC, "ekfac")
-
-
-register(
-    OptimizerSpec(
-        name="ekfac",
-        factory=build_ekfac,
-        description="EKFAC: K-FAC eigenbasis with per-example corrected eigenvalues",
-        paper="George, Laurent, Bouthillier, Ballas & Vincent, NeurIPS 2018",
-        needs_model=True,
-        curvature=True,
-        sampled_fisher=True,
-    )
-)
+        # factors as K-FAC's (optimizers/kfac.py, ``approx``); the scalings stay exact
+        return self.corrected(KroneckerBlock(layer, approx=str(self.config.approx)))

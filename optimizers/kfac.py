@@ -32,61 +32,48 @@ Defaults and why:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from enum import StrEnum, auto
 
-from torch import nn
-
-from ._kronecker import DAMPING_FORMS, KroneckerBlock, check_approx
+from ._config import option
+from ._kronecker import Approx, KroneckerBlock
 from ._layers import LayerHelper
-from .base import CurvatureOptimizer, curvature_factory
-from .registry import OptimizerSpec, register
+from .base import CurvatureConfig, CurvatureOptimizer
 
-__all__ = ["KFAC", "build_kfac"]
+__all__ = ["KFAC", "DampingForm", "KFACConfig"]
+
+
+class DampingForm(StrEnum):
+    """How the damping enters ``A ⊗ G`` (ALGORITHMS.md §0.5)."""
+
+    eigen = auto()
+    factored_tikhonov = auto()
+    inverse = auto()
+
+
+@dataclass(kw_only=True)
+class KFACConfig(CurvatureConfig):
+    """K-FAC's options: the shared curvature options plus the damping form."""
+
+    damping_form: DampingForm = option(
+        DampingForm.eigen, "eigen | factored_tikhonov | inverse (ALGORITHMS.md §0.5)"
+    )
+    pi_correction: bool = option(True, "factored_tikhonov only: π-corrected damping split")
+    approx: Approx = option(
+        Approx.expand, "expand | reduce: weight-sharing locations as examples or summed first"
+    )
 
 
 class KFAC(CurvatureOptimizer):
     """K-FAC / KFC with a choice of damping form (see the module docstring)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        damping_form: str = "eigen",
-        pi_correction: bool = True,
-        approx: str = "expand",
-        **kwargs: Any,
-    ) -> None:
-        check_approx(approx)
-        self.approx = approx
-        if damping_form not in DAMPING_FORMS:
-            raise ValueError(
-                f"optimizer.damping_form must be one of {', '.join(DAMPING_FORMS)}, "
-                f"got {damping_form!r}"
-            )
-        self.damping_form = damping_form
-        self.pi_correction = bool(pi_correction)
-        super().__init__(model, **kwargs)
+    Config = KFACConfig
+    config: KFACConfig
 
     def make_block(self, layer: LayerHelper) -> KroneckerBlock:
         return KroneckerBlock(
             layer,
-            damping_form=self.damping_form,
-            pi_correction=self.pi_correction,
-            approx=self.approx,
+            damping_form=str(self.config.damping_form),
+            pi_correction=self.config.pi_correction,
+            approx=str(self.config.approx),
         )
-
-
-build_kfac = curvature_factory(KFAC, "kfac")
-
-
-register(
-    OptimizerSpec(
-        name="kfac",
-        factory=build_kfac,
-        description="K-FAC/KFC: Kronecker-factored natural gradient (eigen damping, KL clip)",
-        paper="Martens & Grosse, ICML 2015; Grosse & Martens, ICML 2016",
-        needs_model=True,
-        curvature=True,
-        sampled_fisher=True,
-    )
-)

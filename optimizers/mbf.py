@@ -54,20 +54,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum, auto
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from ._config import OptimizerConfigError, option, redefault
 from ._layers import LayerHelper
 from ._linalg import compute_dtype, safe_eigh, symmetrize
-from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
-from .registry import OptimizerSpec, register
+from .base import CurvatureBlock, CurvatureConfig, CurvatureOptimizer
 
-__all__ = ["ESTIMATORS", "MOMENTUM_TYPES", "MBF", "MBFBlock", "build_mbf", "parse_linear_block"]
+__all__ = ["Estimator", "MBF", "MBFBlock", "MBFConfig", "MomentumType", "parse_linear_block"]
 
-ESTIMATORS = ("per_example", "batch")
-MOMENTUM_TYPES = ("heavy_ball", "grad_ema")
+
+class Estimator(StrEnum):
+    """Mini-block statistics from per-example gradients or the mini-batch gradient."""
+
+    per_example = auto()
+    batch = auto()
+
+
+class MomentumType(StrEnum):
+    """``heavy_ball`` on the preconditioned direction, or an EMA of the raw gradient."""
+
+    heavy_ball = auto()
+    grad_ema = auto()
 
 #: elements of per-example gradient matrices formed at once (bounds the statistics' memory)
 _CHUNK_ELEMS = 1 << 22
@@ -81,7 +94,7 @@ def parse_linear_block(spec: str) -> tuple[str, int]:
         size = spec.split(":", 1)[1]
         if size.isdigit() and int(size) >= 1:
             return "chunk", int(size)
-    raise ValueError(
+    raise OptimizerConfigError(
         "optimizer.linear_block must be 'row', 'shared_input' or 'chunk:<b>' with an int b >= 1, "
         f"got {spec!r}"
     )
@@ -165,16 +178,10 @@ class MBFBlock(CurvatureBlock):
         estimator: str = "per_example",
     ) -> None:
         kind, size = parse_linear_block(linear_block)
-        if isinstance(max_block, bool) or not isinstance(max_block, int) or max_block < 1:
-            raise ValueError(f"optimizer.max_block must be an int >= 1, got {max_block!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(
-                f"optimizer.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}"
-            )
         super().__init__(layer)
         self.shared = kind == "shared_input" and layer.kind == "linear"
         self.passthrough = layer.diagonal_input  # embedding: plain SGD direction
-        self.estimator = estimator
+        self.estimator = str(Estimator(estimator))
         self._layout = (
             None if self.shared or self.passthrough else _Layout(layer, kind, size, max_block)
         )
@@ -312,41 +319,37 @@ class MBFBlock(CurvatureBlock):
         return dense + damping * torch.eye(m * n, dtype=F.dtype, device=F.device)
 
 
+@dataclass(kw_only=True)
+class MBFConfig(CurvatureConfig):
+    """MBF's options (module docstring): the shared curvature options plus the block layout."""
+
+    damping: float = redefault(CurvatureConfig, "damping", 0.1)
+    stat_decay: float = redefault(CurvatureConfig, "stat_decay", 0.9)
+    kl_clip: float | None = redefault(CurvatureConfig, "kl_clip", None)
+    linear_block: str = option("row", "Linear mini-blocks: row | shared_input | chunk:<b>")
+    max_block: int = option(128, "largest mini-block side (conv blocks split above it)", ge=1)
+    estimator: Estimator = option(Estimator.per_example, "per_example | batch statistics")
+    momentum_type: MomentumType = option(MomentumType.heavy_ball, "heavy_ball | grad_ema")
+
+    def check(self) -> None:
+        super().check()
+        parse_linear_block(self.linear_block)
+        if self.nesterov and self.momentum_type == MomentumType.grad_ema:
+            raise OptimizerConfigError("optimizer.nesterov=true needs momentum_type='heavy_ball'")
+
+
 class MBF(CurvatureOptimizer):
     """Mini-block Fisher (see the module docstring)."""
 
+    Config = MBFConfig
+    config: MBFConfig
+
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        linear_block: str = "row",
-        max_block: int = 128,
-        estimator: str = "per_example",
-        momentum_type: str = "heavy_ball",
-        **kwargs: Any,
+        self, model: nn.Module, config: MBFConfig | None = None, /, **hparams: object
     ) -> None:
-        parse_linear_block(linear_block)
-        if isinstance(max_block, bool) or not isinstance(max_block, int) or max_block < 1:
-            raise ValueError(f"optimizer.max_block must be an int >= 1, got {max_block!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(
-                f"optimizer.estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}"
-            )
-        if momentum_type not in MOMENTUM_TYPES:
-            raise ValueError(
-                f"optimizer.momentum_type must be one of {', '.join(MOMENTUM_TYPES)}, "
-                f"got {momentum_type!r}"
-            )
-        self.linear_block = linear_block
-        self.max_block = max_block
-        self.estimator = estimator
-        self.momentum_type = momentum_type
-        kwargs.setdefault("stat_decay", 0.9)
-        kwargs.setdefault("kl_clip", None)
-        super().__init__(model, **kwargs)
-        if momentum_type == "grad_ema":
-            if self.defaults["nesterov"]:
-                raise ValueError("optimizer.nesterov=true needs momentum_type='heavy_ball'")
+        super().__init__(model, config, **hparams)
+        self.momentum_type = str(self.config.momentum_type)
+        if self.momentum_type == "grad_ema":
             for group in self.param_groups:
                 group["grad_ema"] = group["momentum"]
                 group["l2"] = group["weight_decay"]
@@ -356,9 +359,9 @@ class MBF(CurvatureOptimizer):
     def make_block(self, layer: LayerHelper) -> MBFBlock:
         return MBFBlock(
             layer,
-            linear_block=self.linear_block,
-            max_block=self.max_block,
-            estimator=self.estimator,
+            linear_block=self.config.linear_block,
+            max_block=self.config.max_block,
+            estimator=self.config.estimator,
         )
 
     @torch.no_grad()
@@ -376,19 +379,3 @@ class MBF(CurvatureOptimizer):
                     buf.mul_(rho).add_(d, alpha=1.0 - rho)
                     p.grad = buf.clone()
         return super().step(closure)
-
-
-build_mbf = curvature_factory(MBF, "mbf", damping=0.1, stat_decay=0.9, kl_clip=None)
-
-
-register(
-    OptimizerSpec(
-        name="mbf",
-        factory=build_mbf,
-        description="MBF: block-diagonal empirical Fisher of small mini-blocks (batched inverse)",
-        paper="Bahamou, Goldfarb & Ren, AISTATS 2023 (arXiv 2202.04124)",
-        needs_model=True,
-        curvature=True,
-        sampled_fisher=True,
-    )
-)

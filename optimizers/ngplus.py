@@ -50,20 +50,57 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from enum import StrEnum, auto
 
 import torch
 from torch import Tensor, nn
 
+from ._config import option, redefault
 from ._layers import LayerHelper
 from ._linalg import safe_inv
-from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
-from .registry import OptimizerSpec, register
+from .base import CurvatureBlock, CurvatureConfig, CurvatureOptimizer
 
-__all__ = ["CONV_SCALES", "SMW_MODES", "NGPlus", "NGPlusBlock", "build_ngplus"]
+__all__ = ["ConvScale", "NGPlus", "NGPlusBlock", "NGPlusConfig", "SMWMode"]
 
-SMW_MODES = ("auto", "never", "always")
-CONV_SCALES = ("sqrt_t", "t", "none")
+
+class SMWMode(StrEnum):
+    """When a Linear layer uses the Sherman–Morrison–Woodbury path (module docstring)."""
+
+    auto = "auto"
+    never = "never"
+    always = "always"
+
+
+class ConvScale(StrEnum):
+    """Conv statistics divided by ``√T`` (the reference), ``T``, or not at all."""
+
+    sqrt_t = auto()
+    t = auto()
+    none = auto()
+
+
+@dataclass(kw_only=True)
+class NGPlusConfig(CurvatureConfig):
+    """NG+'s options (module docstring); ``stat_decay`` is derived: ``1 - curvature_momentum``."""
+
+    damping: float = redefault(CurvatureConfig, "damping", 0.35)
+    stat_every: int = redefault(CurvatureConfig, "stat_every", 100)
+    kl_clip: float | None = redefault(CurvatureConfig, "kl_clip", None)
+    stat_decay: float = option(
+        0.1, "NG+ takes curvature_momentum (the weight of the NEW statistic); "
+        "stat_decay = 1 - curvature_momentum", init=False,
+    )
+    curvature_momentum: float = option(0.9, "EMA weight of the NEW statistic", gt=0, le=1)
+    sqrt_damping: bool = option(True, "diagonal shift √damping (the reference) instead of damping")
+    conv_scale: ConvScale = option(ConvScale.sqrt_t, "conv statistics: sqrt_t | t | none")
+    smw: SMWMode = option(SMWMode.auto, "Sherman–Morrison–Woodbury: auto | never | always")
+    damping_decay_rate: float = option(1.0, "damping × rate^(step / every) (1: off)", gt=0, le=1)
+    damping_decay_every: int = option(1000, "steps per damping decay factor", ge=1)
+
+    def check(self) -> None:
+        super().check()
+        self.stat_decay = 1.0 - self.curvature_momentum
 
 #: elements of per-example gradient matrices formed at once (bounds the statistics' memory)
 _CHUNK_ELEMS = 1 << 22
@@ -90,17 +127,11 @@ class NGPlusBlock(CurvatureBlock):
         smw: str = "auto",
         damping_scale: Callable[[], float] | None = None,
     ) -> None:
-        if smw not in SMW_MODES:
-            raise ValueError(f"optimizer.smw must be one of {', '.join(SMW_MODES)}, got {smw!r}")
-        if conv_scale not in CONV_SCALES:
-            raise ValueError(
-                f"optimizer.conv_scale must be one of {', '.join(CONV_SCALES)}, got {conv_scale!r}"
-            )
         super().__init__(layer)
         self.m, self.n = layer.out_dim, layer.in_dim
         self.sqrt_damping = bool(sqrt_damping)
-        self.conv_scale = conv_scale
-        self.smw_mode = smw
+        self.conv_scale = str(ConvScale(conv_scale))
+        self.smw_mode = str(SMWMode(smw))
         self.damping_scale = damping_scale or (lambda: 1.0)
         self._pending_u: list[Tensor] = []
 
@@ -250,69 +281,19 @@ def _embedding_gram(idx: Tensor, g: Tensor) -> Tensor:
     return out
 
 
-def _check_number(
-    key: str, value: Any, *, low: float, high: float | None = None, low_open: bool = True
-) -> float:
-    ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and not (isinstance(value, float) and math.isnan(value))
-    )
-    if ok:
-        v = float(value)
-        ok = (v > low if low_open else v >= low) and (high is None or v <= high)
-    if not ok:
-        lo = f"{'>' if low_open else '>='} {low}"
-        rng = lo if high is None else f"{lo} and <= {high}"
-        raise ValueError(f"optimizer.{key} must be a number {rng}, got {value!r}")
-    return float(value)
-
-
-def _check_int(key: str, value: object, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"optimizer.{key} must be an int >= {low}, got {value!r}")
-    return value
-
-
 class NGPlus(CurvatureOptimizer):
     """NG+ (see the module docstring); ``stat_decay`` is derived from ``curvature_momentum``."""
 
+    Config = NGPlusConfig
+    config: NGPlusConfig
+
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        curvature_momentum: float = 0.9,
-        sqrt_damping: bool = True,
-        conv_scale: str = "sqrt_t",
-        smw: str = "auto",
-        damping_decay_rate: float = 1.0,
-        damping_decay_every: int = 1000,
-        **kwargs: Any,
+        self, model: nn.Module, config: NGPlusConfig | None = None, /, **hparams: object
     ) -> None:
-        alpha = _check_number("curvature_momentum", curvature_momentum, low=0.0, high=1.0)
-        if smw not in SMW_MODES:
-            raise ValueError(f"optimizer.smw must be one of {', '.join(SMW_MODES)}, got {smw!r}")
-        if conv_scale not in CONV_SCALES:
-            raise ValueError(
-                f"optimizer.conv_scale must be one of {', '.join(CONV_SCALES)}, got {conv_scale!r}"
-            )
-        self.curvature_momentum = alpha
-        self.sqrt_damping = bool(sqrt_damping)
-        self.conv_scale = conv_scale
-        self.smw = smw
-        self.damping_decay_rate = _check_number(
-            "damping_decay_rate", damping_decay_rate, low=0.0, high=1.0
-        )
-        self.damping_decay_every = _check_int("damping_decay_every", damping_decay_every)
-        if "stat_decay" in kwargs:
-            raise ValueError(
-                "NG+ takes optimizer.curvature_momentum (weight of the NEW statistic), "
-                "not optimizer.stat_decay"
-            )
-        kwargs.setdefault("stat_every", 100)
-        kwargs.setdefault("inv_every", 100)
-        kwargs.setdefault("kl_clip", None)
-        super().__init__(model, stat_decay=1.0 - alpha, **kwargs)
+        c = NGPlusConfig.build(config, hparams)
+        self.damping_decay_rate = float(c.damping_decay_rate)
+        self.damping_decay_every = c.damping_decay_every
+        super().__init__(model, c)
 
     def damping_scale(self) -> float:
         """``r^(k / damping_decay_every)`` at the current step ``k``."""
@@ -323,26 +304,8 @@ class NGPlus(CurvatureOptimizer):
     def make_block(self, layer: LayerHelper) -> NGPlusBlock:
         return NGPlusBlock(
             layer,
-            sqrt_damping=self.sqrt_damping,
-            conv_scale=self.conv_scale,
-            smw=self.smw,
+            sqrt_damping=self.config.sqrt_damping,
+            conv_scale=self.config.conv_scale,
+            smw=self.config.smw,
             damping_scale=self.damping_scale,
         )
-
-
-build_ngplus = curvature_factory(
-    NGPlus, "ngplus", exclude=("stat_decay",), damping=0.35, stat_every=100, kl_clip=None
-)
-
-
-register(
-    OptimizerSpec(
-        name="ngplus",
-        factory=build_ngplus,
-        description="NG+: per-layer m×m GFIM (matrix-product Fisher), multi-step frozen inverse",
-        paper="Yang, Xu, Cui, Wen & Xu, arXiv 2106.07454; IEEE TPAMI 2022",
-        needs_model=True,
-        curvature=True,
-        sampled_fisher=True,
-    )
-)

@@ -1,138 +1,157 @@
-"""Optimizer registry: stable names mapped to frozen specs with capability flags.
+"""Optimizer registry: one table of stable names mapped to frozen specs.
 
-The stable key is also the config file name under ``configs/optimizer/``, the
-run-folder component, the W&B tag and the table row label.  The training loop
-branches on the capability flags below, never on optimizer names.
+The stable key is also the config file name under ``configs/optimizer/``, the run-folder
+component, the W&B tag and the table row label.  A spec names the optimizer class, its config
+dataclass (the single source of each hyperparameter's name, type, default, range and doc) and
+its capability flags; the training loop branches on those flags and on
+:class:`optimizers.capabilities.Instrumented`, never on optimizer names.
+
+Adding an optimizer: its module (the class and its ``Config`` dataclass) and one line in
+:data:`OPTIMIZERS` below.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from . import ekfac, first_order, kfac, mbf, ngplus, shampoo, sngd, soap, tekfac, tkfac
+from ._config import OptimizerConfig, OptimizerConfigError
+from .capabilities import Instrumented
+
 __all__ = [
-    "OptimizerSpec",
+    "OPTIMIZERS",
+    "REGISTRY",
     "OptimizerConfigError",
-    "register",
+    "OptimizerSpec",
+    "build_optimizer",
+    "config_class",
     "get_spec",
     "list_optimizers",
-    "build_optimizer",
-    "REGISTRY",
+    "make_config",
 ]
-
-
-class OptimizerConfigError(ValueError):
-    """A bad optimizer name or hyperparameter; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """What the harness needs to know about one optimizer.
-
-    ``factory(model, **hparams)`` returns a ``torch.optim.Optimizer``.
-    """
+    """What the harness needs to know about one optimizer."""
 
     name: str
-    factory: Callable[..., torch.optim.Optimizer]
+    #: the optimizer class (``torch.optim.Optimizer`` subclass)
+    cls: type[torch.optim.Optimizer]
+    #: its config dataclass
+    config: type[OptimizerConfig]
     description: str
     paper: str = ""
     #: the optimizer registers hooks on the model (curvature methods)
     needs_model: bool = False
-    #: curvature method: exposes phase timers and ``memory_usage()``
-    curvature: bool = False
     #: can build its statistics from an extra backward with sampled labels (MC Fisher)
     sampled_fisher: bool = False
-    #: hyperparameter names accepted by the factory (filled at registration)
-    hparams: tuple[str, ...] = field(default=())
+    #: ``build(model, config)``; default ``cls(model, config)``
+    build: Callable[[nn.Module, Any], torch.optim.Optimizer] | None = None
+
+    @property
+    def curvature(self) -> bool:
+        """Second-order method that reports phase times, memory and its refresh period."""
+        return issubclass(self.cls, Instrumented)
+
+    @property
+    def hparams(self) -> tuple[str, ...]:
+        """The hyperparameter names (the config's user-settable fields)."""
+        return self.config.keys()
+
+    def make(self, model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+        """The optimizer for ``model`` with the validated ``config``."""
+        build = self.build or cast(Callable[[nn.Module, Any], torch.optim.Optimizer], self.cls)
+        return build(model, config)
 
 
-REGISTRY: dict[str, OptimizerSpec] = {}
+# fmt: off
+OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
+    OptimizerSpec("sgd", torch.optim.SGD, first_order.SGDConfig,
+                  "SGD with (Nesterov) momentum and weight decay",
+                  "Polyak 1964; Nesterov 1983", build=first_order.build_sgd),
+    OptimizerSpec("adamw", torch.optim.AdamW, first_order.AdamWConfig,
+                  "Adam with decoupled weight decay",
+                  "Loshchilov & Hutter, ICLR 2019", build=first_order.build_adamw),
+    OptimizerSpec("kfac", kfac.KFAC, kfac.KFACConfig,
+                  "K-FAC/KFC: Kronecker-factored natural gradient (eigen damping, KL clip)",
+                  "Martens & Grosse, ICML 2015; Grosse & Martens, ICML 2016",
+                  needs_model=True, sampled_fisher=True),
+    OptimizerSpec("ekfac", ekfac.EKFAC, ekfac.EKFACConfig,
+                  "EKFAC: K-FAC eigenbasis with per-example corrected eigenvalues",
+                  "George, Laurent, Bouthillier, Ballas & Vincent, NeurIPS 2018",
+                  needs_model=True, sampled_fisher=True),
+    OptimizerSpec("tkfac", tkfac.TKFAC, tkfac.TKFACConfig,
+                  "TKFAC: trace-restricted Kronecker factorization δ·Φ⊗Ψ (re-implementation)",
+                  "Gao et al., AAAI 2021 (arXiv 2011.10741)",
+                  needs_model=True, sampled_fisher=True),
+    OptimizerSpec("tekfac", tekfac.TEKFAC, tekfac.TEKFACConfig,
+                  "TEKFAC: TKFAC eigenbasis with corrected eigenvalues (re-implementation)",
+                  "Gao et al., arXiv 2011.13609",
+                  needs_model=True, sampled_fisher=True),
+    OptimizerSpec("ngplus", ngplus.NGPlus, ngplus.NGPlusConfig,
+                  "NG+: per-layer m×m GFIM (matrix-product Fisher), multi-step frozen inverse",
+                  "Yang, Xu, Cui, Wen & Xu, arXiv 2106.07454; IEEE TPAMI 2022",
+                  needs_model=True, sampled_fisher=True),
+    OptimizerSpec("mbf", mbf.MBF, mbf.MBFConfig,
+                  "MBF: block-diagonal empirical Fisher of small mini-blocks (batched inverse)",
+                  "Bahamou, Goldfarb & Ren, AISTATS 2023 (arXiv 2202.04124)",
+                  needs_model=True, sampled_fisher=True),
+    OptimizerSpec("sngd", sngd.SNGD, sngd.SNGDConfig,
+                  "SNGD: per-unit / shared-input local Fisher (reconstructed-network NGD)",
+                  "Liu, Boumaraf, Li, Lin, Liu, Niu & Werghi, arXiv 2412.07441",
+                  needs_model=True),
+    OptimizerSpec("shampoo", shampoo.Shampoo, shampoo.ShampooConfig,
+                  "blocked Shampoo with Adam/AdaGrad/SGD grafting (Distributed Shampoo choices)",
+                  "Gupta, Koren & Singer, ICML 2018; Shi et al., arXiv 2309.06497",
+                  build=shampoo.build_shampoo),
+    OptimizerSpec("soap", soap.SOAP, soap.SOAPConfig,
+                  "Adam in the eigenbasis of Shampoo's factors (QR basis refresh)",
+                  "Vyas et al., arXiv 2409.11321 (2024)", build=soap.build_soap),
+)}
+# fmt: on
 
-
-def _factory_hparams(factory: Callable[..., Any]) -> tuple[str, ...]:
-    sig = inspect.signature(factory)
-    names = [
-        p.name
-        for p in sig.parameters.values()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "model"
-    ]
-    return tuple(names)
-
-
-def register(spec: OptimizerSpec) -> OptimizerSpec:
-    """Add ``spec`` to the registry (explicit registration; names are unique)."""
-    if spec.name in REGISTRY:
-        raise ValueError(f"optimizer {spec.name!r} is registered twice")
-    if not spec.hparams:
-        spec = OptimizerSpec(**{**spec.__dict__, "hparams": _factory_hparams(spec.factory)})
-    REGISTRY[spec.name] = spec
-    return spec
-
-
-def _ensure_loaded() -> None:
-    # Registration happens on import of the package; importing here keeps
-    # ``optimizers.registry`` usable on its own.
-    import optimizers  # noqa: F401
+#: the former name of :data:`OPTIMIZERS`
+REGISTRY = OPTIMIZERS
 
 
 def list_optimizers() -> list[str]:
-    _ensure_loaded()
-    return sorted(REGISTRY)
+    return sorted(OPTIMIZERS)
 
 
 def get_spec(name: str) -> OptimizerSpec:
-    _ensure_loaded()
-    if name not in REGISTRY:
+    if name not in OPTIMIZERS:
         raise OptimizerConfigError(
             f"optimizer={name!r} is not a registered optimizer; valid choices: "
-            + ", ".join(sorted(REGISTRY))
+            + ", ".join(sorted(OPTIMIZERS))
         )
-    return REGISTRY[name]
+    return OPTIMIZERS[name]
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def config_class(name: str) -> type[OptimizerConfig]:
+    """The config dataclass of the registered optimizer ``name``."""
+    return get_spec(name).config
 
 
-def validate_hparams(spec: OptimizerSpec, hparams: Mapping[str, Any]) -> None:
-    """Unknown keys, a value whose type does not match the factory default's, and a
-    negative learning rate raise :class:`OptimizerConfigError` naming the key."""
-    unknown = sorted(set(hparams) - set(spec.hparams))
-    if unknown:
-        raise OptimizerConfigError(
-            f"optimizer.{unknown[0]} is not a hyperparameter of {spec.name!r}; valid keys: "
-            + ", ".join(spec.hparams)
-        )
-    params = inspect.signature(spec.factory).parameters
-    for key, value in hparams.items():
-        default = params[key].default
-        if default is inspect.Parameter.empty or default is None or value is None:
-            continue
-        if callable(value):  # e.g. a schedule function for a frequency (Python API)
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = _is_num(value) and float(value).is_integer()
-        elif isinstance(default, float):
-            ok = _is_num(value)
-        elif isinstance(default, str):
-            ok = isinstance(value, str)
-        else:
-            ok = True
-        if not ok:
-            raise OptimizerConfigError(
-                f"optimizer.{key} must be of type {type(default).__name__} "
-                f"(default {default!r}), got {value!r}"
-            )
-    lr = hparams.get("lr")
-    if lr is not None and not (_is_num(lr) and lr >= 0):
-        raise OptimizerConfigError(f"optimizer.lr must be a number >= 0, got {lr!r}")
+def _split(name_or_cfg: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    if isinstance(name_or_cfg, str):
+        return name_or_cfg, {}
+    cfg_hp = {k: v for k, v in dict(name_or_cfg).items() if not str(k).startswith("_")}
+    if "name" not in cfg_hp:
+        raise OptimizerConfigError("optimizer config has no 'name' key")
+    return str(cfg_hp.pop("name")), cfg_hp
+
+
+def make_config(name_or_cfg: str | Mapping[str, Any], **hparams: Any) -> OptimizerConfig:
+    """The validated config of a registry name or ``{"name": ..., **hparams}`` mapping
+    (``hparams`` override it); a bad key or value raises :class:`OptimizerConfigError`."""
+    name, cfg_hp = _split(name_or_cfg)
+    return get_spec(name).config.build(hparams={**cfg_hp, **hparams}, label=repr(name))
 
 
 def build_optimizer(
@@ -143,21 +162,13 @@ def build_optimizer(
     ``name_or_cfg`` is a registry name or a mapping with a ``name`` key plus
     hyperparameters (e.g. a Hydra ``optimizer`` node); ``hparams`` override it.
     Bad hyperparameters raise :class:`OptimizerConfigError` naming the key and the valid
-    choices (see :func:`validate_hparams`).
+    choices.
     """
-    if isinstance(name_or_cfg, str):
-        name, cfg_hp = name_or_cfg, {}
-    else:
-        cfg_hp = {k: v for k, v in dict(name_or_cfg).items() if not str(k).startswith("_")}
-        if "name" not in cfg_hp:
-            raise OptimizerConfigError("optimizer config has no 'name' key")
-        name = cfg_hp.pop("name")
-    spec = get_spec(name)
-    merged = {**cfg_hp, **hparams}
-    validate_hparams(spec, merged)
+    config = make_config(name_or_cfg, **hparams)
+    spec = get_spec(_split(name_or_cfg)[0])
     try:
-        return spec.factory(model, **merged)
+        return spec.make(model, config)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, OptimizerConfigError):
             raise
-        raise OptimizerConfigError(f"optimizer {name!r}: {exc}") from exc
+        raise OptimizerConfigError(f"optimizer {spec.name!r}: {exc}") from exc

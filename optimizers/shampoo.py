@@ -25,21 +25,76 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from enum import StrEnum, auto
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._config import OptimizerConfig, OptimizerConfigError, option
 from .param_groups import split_decay_groups
-from .registry import OptimizerSpec, register
 
+__all__ = [
+    "Graft",
+    "Shampoo",
+    "ShampooConfig",
+    "WeightDecayType",
+    "build_shampoo",
+    "matrix_inverse_root",
+    "merge_dims",
+]
 #: what the ``torch._foreach_*`` functions take and return
 _Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]
 
 __all__ = ["Shampoo", "build_shampoo", "merge_dims", "matrix_inverse_root"]
 
-GRAFTS = ("adam", "rmsprop", "adagrad", "sgd", "none")
-WEIGHT_DECAY_TYPES = ("decoupled", "l2")
+
+class Graft(StrEnum):
+    """The method whose per-block step norm the Shampoo direction is rescaled to."""
+
+    adam = auto()
+    rmsprop = auto()
+    adagrad = auto()
+    sgd = auto()
+    none = auto()
+
+
+class WeightDecayType(StrEnum):
+    """``decoupled``: ``p <- p (1 - lr wd)``; ``l2``: ``wd * p`` added to the gradient."""
+
+    decoupled = auto()
+    l2 = auto()
+
+
+@dataclass(kw_only=True)
+class ShampooConfig(OptimizerConfig):
+    """Shampoo's options: the Distributed Shampoo README's Adam-grafting preset, except
+    ``max_preconditioner_dim = 1024`` (the README uses 8192; our models are small)."""
+
+    lr: float = option(1e-3, "learning rate", ge=0)
+    beta1: float = option(0.9, "first moment (filtered gradient), bias corrected", ge=0, lt=1)
+    beta2: float = option(0.999, "factor EMA; 1.0 = AdaGrad sum", gt=0, le=1)
+    epsilon: float = option(1e-12, "added to factor eigenvalues before the root", gt=0)
+    use_bias_correction: bool = option(True, "divide factors by 1 - beta2^t (beta2 < 1 only)")
+    max_preconditioner_dim: int = option(1024, "merge dims up to this size, block above", ge=1)
+    precondition_frequency: int = option(100, "roots recomputed every f steps", ge=1)
+    start_preconditioning_step: int | None = option(
+        None, "null = precondition_frequency; graft only before it", ge=1
+    )
+    graft: Graft = option(Graft.adam, "adam | rmsprop | adagrad | sgd | none")
+    graft_beta2: float = option(0.999, "graft second-moment EMA", ge=0, lt=1)
+    graft_epsilon: float = option(1e-8, "graft epsilon", gt=0)
+    momentum: float = option(0.0, "heavy-ball momentum on the grafted direction", ge=0, lt=1)
+    nesterov: bool = option(False, "Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = option(0.0, "weight decay (not on biases and norms)", ge=0)
+    weight_decay_type: WeightDecayType = option(WeightDecayType.decoupled, "decoupled | l2")
+    precondition_1d: bool = option(True, "1-D params: full-matrix root (false: graft only)")
+
+    def check(self) -> None:
+        if self.nesterov and not self.momentum > 0:
+            raise OptimizerConfigError(
+                "optimizer.nesterov must be false when momentum = 0, got True"
+            )
 
 
 def merge_dims(shape: tuple[int, ...] | torch.Size, max_dim: int) -> tuple[int, ...]:
@@ -159,53 +214,6 @@ def _precondition(x: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
     return x.contiguous()  # callers rescale views of the result in place
 
 
-def _check(ok: bool, key: str, rng: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"optimizer.{key} must be {rng}, got {value!r}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _validate(hp: dict[str, Any]) -> None:
-    _check(isinstance(hp["lr"], (int, float)) and hp["lr"] >= 0, "lr", ">= 0", hp["lr"])
-    _check(0 <= hp["beta1"] < 1, "beta1", "in [0, 1)", hp["beta1"])
-    _check(0 < hp["beta2"] <= 1, "beta2", "in (0, 1]", hp["beta2"])
-    _check(hp["epsilon"] > 0, "epsilon", "> 0", hp["epsilon"])
-    _check(
-        _is_int(hp["max_preconditioner_dim"]) and hp["max_preconditioner_dim"] >= 1,
-        "max_preconditioner_dim",
-        "an integer >= 1",
-        hp["max_preconditioner_dim"],
-    )
-    _check(
-        _is_int(hp["precondition_frequency"]) and hp["precondition_frequency"] >= 1,
-        "precondition_frequency",
-        "an integer >= 1",
-        hp["precondition_frequency"],
-    )
-    start = hp["start_preconditioning_step"]
-    _check(
-        start is None or (_is_int(start) and start >= 1),
-        "start_preconditioning_step",
-        "null (= precondition_frequency) or an integer >= 1",
-        start,
-    )
-    _check(hp["graft"] in GRAFTS, "graft", "one of " + ", ".join(GRAFTS), hp["graft"])
-    _check(0 <= hp["graft_beta2"] < 1, "graft_beta2", "in [0, 1)", hp["graft_beta2"])
-    _check(hp["graft_epsilon"] > 0, "graft_epsilon", "> 0", hp["graft_epsilon"])
-    _check(0 <= hp["momentum"] < 1, "momentum", "in [0, 1)", hp["momentum"])
-    _check(not hp["nesterov"] or hp["momentum"] > 0, "nesterov", "false when momentum = 0", True)
-    _check(hp["weight_decay"] >= 0, "weight_decay", ">= 0", hp["weight_decay"])
-    _check(
-        hp["weight_decay_type"] in WEIGHT_DECAY_TYPES,
-        "weight_decay_type",
-        "one of " + ", ".join(WEIGHT_DECAY_TYPES),
-        hp["weight_decay_type"],
-    )
-
-
 class Shampoo(torch.optim.Optimizer):
     """Blocked Shampoo with grafting (a shape-based optimizer: no hooks, works on any params).
 
@@ -220,48 +228,12 @@ class Shampoo(torch.optim.Optimizer):
     """
 
     def __init__(
-        self,
-        params: Any,
-        *,
-        lr: float = 1e-3,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        epsilon: float = 1e-12,
-        use_bias_correction: bool = True,
-        max_preconditioner_dim: int = 1024,
-        precondition_frequency: int = 100,
-        start_preconditioning_step: int | None = None,
-        graft: str = "adam",
-        graft_beta2: float = 0.999,
-        graft_epsilon: float = 1e-8,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        weight_decay_type: str = "decoupled",
-        precondition_1d: bool = True,
+        self, params: Any, config: ShampooConfig | None = None, /, **hparams: Any
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            epsilon=epsilon,
-            use_bias_correction=use_bias_correction,
-            max_preconditioner_dim=max_preconditioner_dim,
-            precondition_frequency=precondition_frequency,
-            start_preconditioning_step=start_preconditioning_step,
-            graft=graft,
-            graft_beta2=graft_beta2,
-            graft_epsilon=graft_epsilon,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            weight_decay_type=weight_decay_type,
-            precondition_1d=precondition_1d,
-        )
-        _validate(defaults)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _validate(group)
+        self.config = ShampooConfig.build(config, hparams)
+        super().__init__(params, self.config.to_dict())
+        for group in self.param_groups:  # per-group overrides are checked as well
+            ShampooConfig(**{k: group[k] for k in ShampooConfig.keys()})
         self._plans: dict[torch.Tensor, _Plan] = {}
         self._times = {"statistics": 0.0, "inverse": 0.0, "precondition": 0.0, "update": 0.0}
         self.num_root_failures = 0
@@ -271,6 +243,10 @@ class Shampoo(torch.optim.Optimizer):
     def phase_times(self) -> dict[str, float]:
         """Cumulative seconds per phase: statistics, inverse, precondition, update."""
         return dict(self._times)
+
+    def refresh_period(self) -> int:
+        """Steps between root recomputations (the largest ``precondition_frequency``)."""
+        return max(int(g["precondition_frequency"]) for g in self.param_groups)
 
     def memory_usage(self) -> dict[str, int]:
         """Bytes held in optimizer state: factors, roots, graft second moments, moment buffers,
@@ -494,41 +470,7 @@ class Shampoo(torch.optim.Optimizer):
         self._plans.clear()
 
 
-def build_shampoo(
-    model: nn.Module,
-    *,
-    lr: float = 1e-3,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    epsilon: float = 1e-12,
-    use_bias_correction: bool = True,
-    max_preconditioner_dim: int = 1024,
-    precondition_frequency: int = 100,
-    start_preconditioning_step: int | None = None,
-    graft: str = "adam",
-    graft_beta2: float = 0.999,
-    graft_epsilon: float = 1e-8,
-    momentum: float = 0.0,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    weight_decay_type: str = "decoupled",
-    precondition_1d: bool = True,
-) -> Shampoo:
+def build_shampoo(model: nn.Module, config: ShampooConfig | None = None) -> Shampoo:
     """Shampoo over ``model``'s parameters (no weight decay on biases and norms)."""
-    hp = dict(locals())
-    hp.pop("model")
-    _validate(hp)
-    return Shampoo(split_decay_groups(model, weight_decay), **hp)
-
-
-register(
-    OptimizerSpec(
-        name="shampoo",
-        factory=build_shampoo,
-        description="blocked Shampoo with Adam/AdaGrad/SGD grafting (Distributed Shampoo choices)",
-        paper="Gupta, Koren & Singer, ICML 2018; Shi et al., arXiv 2309.06497",
-        needs_model=False,
-        curvature=True,
-        sampled_fisher=False,
-    )
-)
+    c = config or ShampooConfig()
+    return Shampoo(split_decay_groups(model, c.weight_decay), c)

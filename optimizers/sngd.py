@@ -70,34 +70,78 @@ K-FAC's input side alone, with no output-side scaling); tune it.
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from enum import StrEnum, auto
 
 import torch
 from torch import Tensor, nn
 
+from ._config import option, redefault
 from ._layers import LayerHelper
 from ._linalg import safe_inv
-from .base import CurvatureBlock, CurvatureOptimizer, curvature_factory
+from .base import CurvatureBlock, CurvatureConfig, CurvatureOptimizer, Fisher
 from .mbf import batched_spd_inverse
-from .registry import OptimizerSpec, register
 
 __all__ = [
-    "CONV_MODES",
-    "INITS",
-    "MODES",
-    "UNIT_WEIGHTS",
+    "ConvMode",
+    "Init",
+    "Mode",
     "SNGD",
     "SNGDBlock",
-    "build_sngd",
+    "SNGDConfig",
+    "UnitWeight",
     "denman_beavers",
 ]
 
-MODES = ("rfim", "input")
-CONV_MODES = ("input", "unit")
-UNIT_WEIGHTS = ("sigmoid", "one")
-INITS = ("first_batch", "identity")
+
+class Init(StrEnum):
+    """Start of the metrics: ``first_batch`` (the first batch metric after the plain-gradient
+    warm-up) or ``identity`` (the released code: metric and inverse start at I)."""
+
+    first_batch = auto()
+    identity = auto()
+
+
+class Mode(StrEnum):
+    """``rfim``: per-unit metrics where affordable; ``input``: the shared input metric only."""
+
+    rfim = auto()
+    input = auto()
+
+
+class ConvMode(StrEnum):
+    """Conv layers: the shared input metric or per-unit metrics."""
+
+    input = auto()
+    unit = auto()
+
+
+class UnitWeight(StrEnum):
+    """Per-unit weight of the input rows: σ'(z)-style ``sigmoid`` or ``one``."""
+
+    sigmoid = auto()
+    one = auto()
+
+
+@dataclass(kw_only=True)
+class SNGDConfig(CurvatureConfig):
+    """SNGD's options (module docstring); the Fisher is always the empirical one."""
+
+    lr: float = redefault(CurvatureConfig, "lr", 0.01)
+    momentum: float = redefault(CurvatureConfig, "momentum", 0.0)
+    damping: float = redefault(CurvatureConfig, "damping", 1e-3)
+    stat_decay: float = option(0.995, "EMA weight of the OLD metric, per iteration", ge=0, lt=1)
+    kl_clip: float | None = redefault(CurvatureConfig, "kl_clip", None)
+    fisher: Fisher = option(Fisher.ef, "SNGD always uses ef (training labels)", init=False)
+    mode: Mode = option(Mode.rfim, "rfim | input")
+    conv_mode: ConvMode = option(ConvMode.input, "input | unit (conv layers)")
+    unit_weight: UnitWeight = option(UnitWeight.sigmoid, "sigmoid | one")
+    first_last_shared: bool = option(True, "first and last layers use the shared input metric")
+    unit_max_elements: int = option(1 << 25, "per-unit metrics above this size: input metric", ge=1)
+    rank_warmup: bool = option(True, "pseudo-inverse until the metric has full rank")
+    init: Init = option(Init.first_batch, "first_batch | identity (the released code's start)")
+    damping_abs: float = option(0.0, "absolute damping added to the relative one", ge=0)
 
 #: elements of the per-row outer products formed at once (bounds the statistics' memory)
 _CHUNK_ELEMS = 1 << 22
@@ -134,22 +178,15 @@ class SNGDBlock(CurvatureBlock):
     ) -> None:
         if kind not in ("input", "unit", "diag"):
             raise ValueError(f"SNGDBlock kind must be input, unit or diag, got {kind!r}")
-        if unit_weight not in UNIT_WEIGHTS:
-            raise ValueError(
-                f"optimizer.unit_weight must be one of {', '.join(UNIT_WEIGHTS)}, "
-                f"got {unit_weight!r}"
-            )
         super().__init__(layer)
         self.kind = "diag" if layer.diagonal_input else kind
-        self.unit_weight = unit_weight
+        self.unit_weight = str(UnitWeight(unit_weight))
         self.damping_abs = float(damping_abs)
         self.rank_warmup = bool(rank_warmup)
         self.n = layer.in_dim
         # the shared metric builds its bias row from column sums (no copy of the input)
         self.homogeneous_input = self.kind == "unit"
-        if init not in INITS:
-            raise ValueError(f"optimizer.init must be one of {', '.join(INITS)}, got {init!r}")
-        if init == "identity":  # the released code: metric and inverse start at I
+        if Init(init) == Init.identity:  # the released code: metric and inverse start at I
             self.tensors["M"] = self._identity()
             self.tensors["Minv"] = self._identity()
             self.ready = True
@@ -266,73 +303,31 @@ class SNGDBlock(CurvatureBlock):
 class SNGD(CurvatureOptimizer):
     """SNGD (see the module docstring); ``stat_decay`` is per iteration."""
 
+    Config = SNGDConfig
+    config: SNGDConfig
+
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        mode: str = "rfim",
-        conv_mode: str = "input",
-        unit_weight: str = "sigmoid",
-        first_last_shared: bool = True,
-        unit_max_elements: int = 1 << 25,
-        rank_warmup: bool = True,
-        init: str = "first_batch",
-        damping_abs: float = 0.0,
-        stat_decay: float = 0.995,
-        **kwargs: Any,
+        self, model: nn.Module, config: SNGDConfig | None = None, /, **hparams: object
     ) -> None:
-        for key, value, valid in (
-            ("mode", mode, MODES),
-            ("conv_mode", conv_mode, CONV_MODES),
-            ("unit_weight", unit_weight, UNIT_WEIGHTS),
-            ("init", init, INITS),
-        ):
-            if value not in valid:
-                raise ValueError(
-                    f"optimizer.{key} must be one of {', '.join(valid)}, got {value!r}"
-                )
-        ok = isinstance(damping_abs, (int, float)) and not isinstance(damping_abs, bool)
-        if not ok or math.isnan(damping_abs) or damping_abs < 0:
-            raise ValueError(f"optimizer.damping_abs must be a number >= 0, got {damping_abs!r}")
-        if not isinstance(stat_decay, (int, float)) or not 0 <= stat_decay < 1:
-            raise ValueError(f"optimizer.stat_decay must be in [0, 1), got {stat_decay!r}")
-        self.mode = mode
-        self.conv_mode = conv_mode
-        self.unit_weight = unit_weight
-        self.first_last_shared = bool(first_last_shared)
-        if (
-            isinstance(unit_max_elements, bool)
-            or not isinstance(unit_max_elements, int)
-            or unit_max_elements < 1
-        ):
-            raise ValueError(
-                f"optimizer.unit_max_elements must be an int >= 1, got {unit_max_elements!r}"
-            )
-        self.unit_max_elements = unit_max_elements
-        self.rank_warmup = bool(rank_warmup)
-        self.init = init
-        self.damping_abs = float(damping_abs)
-        self.stat_decay_per_step = float(stat_decay)
-        every = kwargs.get("stat_every", 10)
-        kwargs["stat_every"] = every
-        kwargs.setdefault("damping", 1e-3)
-        kwargs.setdefault("kl_clip", None)
-        if isinstance(every, int) and not isinstance(every, bool) and every >= 1:
-            stat_decay = float(stat_decay) ** every
-        super().__init__(model, stat_decay=stat_decay, **kwargs)
+        super().__init__(model, config, **hparams)
+        c = self.config
+        self.stat_decay_per_step = float(c.stat_decay)
+        if isinstance(c.stat_every, int):  # the EMA runs on statistic steps only
+            self.stat_decay = float(c.stat_decay) ** c.stat_every
 
     def _kind(self, layer: LayerHelper) -> str:
         order = list(self.layers)  # set by the base class before the blocks are made
         ends = {order[0], order[-1]} if order else set()
-        if self.mode == "input" or (self.first_last_shared and layer.name in ends):
+        c = self.config
+        if c.mode == "input" or (c.first_last_shared and layer.name in ends):
             return "input"
-        if layer.kind == "conv2d" and self.conv_mode != "unit":
+        if layer.kind == "conv2d" and c.conv_mode != "unit":
             return "input"
         size = layer.out_dim * layer.in_dim**2
-        if size > self.unit_max_elements:
+        if size > c.unit_max_elements:
             warnings.warn(
                 f"SNGD: layer {layer.name!r} would need {size} numbers per-unit metrics "
-                f"(> optimizer.unit_max_elements={self.unit_max_elements}); it uses the "
+                f"(> optimizer.unit_max_elements={c.unit_max_elements}); it uses the "
                 "shared input metric",
                 stacklevel=4,
             )
@@ -340,29 +335,12 @@ class SNGD(CurvatureOptimizer):
         return "unit"
 
     def make_block(self, layer: LayerHelper) -> SNGDBlock:
+        c = self.config
         return SNGDBlock(
             layer,
             kind=self._kind(layer),
-            unit_weight=self.unit_weight,
-            damping_abs=self.damping_abs,
-            rank_warmup=self.rank_warmup,
-            init=self.init,
+            unit_weight=c.unit_weight,
+            damping_abs=c.damping_abs,
+            rank_warmup=c.rank_warmup,
+            init=str(c.init),
         )
-
-
-build_sngd = curvature_factory(
-    SNGD, "sngd", exclude=("fisher",), lr=0.01, momentum=0.0, damping=1e-3, kl_clip=None
-)
-
-
-register(
-    OptimizerSpec(
-        name="sngd",
-        factory=build_sngd,
-        description="SNGD: per-unit / shared-input local Fisher (reconstructed-network NGD)",
-        paper="Liu, Boumaraf, Li, Lin, Liu, Niu & Werghi, arXiv 2412.07441",
-        needs_model=True,
-        curvature=True,
-        sampled_fisher=False,
-    )
-)

@@ -39,20 +39,50 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from enum import StrEnum, auto
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._config import OptimizerConfig, option
 from .param_groups import split_decay_groups
-from .registry import OptimizerSpec, register
 from .shampoo import merge_dims as _merge
 
-__all__ = ["MERGE_FROM", "SOAP", "build_soap", "merge_dims_front"]
+__all__ = ["MERGE_FROM", "SOAP", "MergeFrom", "SOAPConfig", "build_soap", "merge_dims_front"]
+
+
+class MergeFrom(StrEnum):
+    """``merge_dims``: ``front`` merges greedily from the first dim (the SOAP reference),
+    ``back`` from the last (Distributed Shampoo's rule; this project's former behaviour)."""
+
+    front = auto()
+    back = auto()
+
+
+MERGE_FROM = tuple(MergeFrom)
+
+
+@dataclass(kw_only=True)
+class SOAPConfig(OptimizerConfig):
+    """SOAP's options (the reference code's defaults)."""
+
+    lr: float = option(3e-3, "learning rate", ge=0)
+    beta1: float = option(0.95, "first-moment EMA weight", ge=0, lt=1)
+    beta2: float = option(0.95, "second-moment EMA weight (in the eigenbasis)", ge=0, lt=1)
+    shampoo_beta: float | None = option(None, "factor EMA weight (null: beta2)", ge=0, lt=1)
+    eps: float = option(1e-8, "added to the root of the second moment", gt=0)
+    weight_decay: float = option(0.01, "decoupled weight decay (not on biases and norms)", ge=0)
+    precondition_frequency: int = option(10, "eigenbasis refreshed every f steps", ge=1)
+    max_precond_dim: int = option(10000, "dims above this size get no factor", ge=1)
+    merge_dims: bool = option(False, "merge adjacent dims up to max_precond_dim")
+    merge_from: MergeFrom = option(MergeFrom.front, "merge_dims order: front | back")
+    precondition_1d: bool = option(False, "1-D params get a factor too")
+    correct_bias: bool = option(True, "Adam bias correction")
+
 
 _NONE = torch.empty(0)
-
-MERGE_FROM = ("front", "back")
 
 
 def merge_dims_front(shape: tuple[int, ...] | torch.Size, max_dim: int) -> tuple[int, ...]:
@@ -108,70 +138,21 @@ def _project(x: torch.Tensor, bases: list[torch.Tensor], back: bool = False) -> 
     return x
 
 
-def _check(ok: bool, key: str, rng: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"optimizer.{key} must be {rng}, got {value!r}")
-
-
-def _validate(hp: dict[str, Any]) -> None:
-    _check(isinstance(hp["lr"], (int, float)) and hp["lr"] >= 0, "lr", ">= 0", hp["lr"])
-    _check(0 <= hp["beta1"] < 1, "beta1", "in [0, 1)", hp["beta1"])
-    _check(0 <= hp["beta2"] < 1, "beta2", "in [0, 1)", hp["beta2"])
-    sb = hp["shampoo_beta"]
-    _check(sb is None or 0 <= sb < 1, "shampoo_beta", "null (= beta2) or in [0, 1)", sb)
-    _check(hp["eps"] > 0, "eps", "> 0", hp["eps"])
-    _check(hp["weight_decay"] >= 0, "weight_decay", ">= 0", hp["weight_decay"])
-    f = hp["precondition_frequency"]
-    ok = isinstance(f, int) and not isinstance(f, bool) and f >= 1
-    _check(ok, "precondition_frequency", "an integer >= 1", f)
-    md = hp["max_precond_dim"]
-    ok = isinstance(md, int) and not isinstance(md, bool) and md >= 1
-    _check(ok, "max_precond_dim", "an integer >= 1", md)
-    mf = hp["merge_from"]
-    _check(mf in MERGE_FROM, "merge_from", "one of " + ", ".join(MERGE_FROM), mf)
-
-
 class SOAP(torch.optim.Optimizer):
     """Adam run in Shampoo's eigenbasis (shape-based; no hooks)."""
 
-    def __init__(
-        self,
-        params: Any,
-        *,
-        lr: float = 3e-3,
-        beta1: float = 0.95,
-        beta2: float = 0.95,
-        shampoo_beta: float | None = None,
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        precondition_frequency: int = 10,
-        max_precond_dim: int = 10000,
-        merge_dims: bool = False,
-        merge_from: str = "front",
-        precondition_1d: bool = False,
-        correct_bias: bool = True,
-    ) -> None:
-        defaults = dict(
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            shampoo_beta=shampoo_beta,
-            eps=eps,
-            weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim,
-            merge_dims=merge_dims,
-            merge_from=merge_from,
-            precondition_1d=precondition_1d,
-            correct_bias=correct_bias,
-        )
-        _validate(defaults)
-        super().__init__(params, defaults)
+    def __init__(self, params: Any, config: SOAPConfig | None = None, /, **hparams: Any) -> None:
+        self.config = SOAPConfig.build(config, hparams)
+        super().__init__(params, self.config.to_dict())
         self._times = {"statistics": 0.0, "inverse": 0.0, "precondition": 0.0}
 
     def phase_times(self) -> dict[str, float]:
         """Cumulative seconds: statistics (factors), inverse (eigh/QR), precondition (rest)."""
         return dict(self._times)
+
+    def refresh_period(self) -> int:
+        """Steps between eigenbasis refreshes (the largest ``precondition_frequency``)."""
+        return max(int(g["precondition_frequency"]) for g in self.param_groups)
 
     def memory_usage(self) -> dict[str, int]:
         """Bytes of factors, bases and Adam moments, and their ``total``."""
@@ -263,37 +244,7 @@ class SOAP(torch.optim.Optimizer):
         return loss
 
 
-def build_soap(
-    model: nn.Module,
-    *,
-    lr: float = 3e-3,
-    beta1: float = 0.95,
-    beta2: float = 0.95,
-    shampoo_beta: float | None = None,
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
-    precondition_frequency: int = 10,
-    max_precond_dim: int = 10000,
-    merge_dims: bool = False,
-    merge_from: str = "front",
-    precondition_1d: bool = False,
-    correct_bias: bool = True,
-) -> SOAP:
+def build_soap(model: nn.Module, config: SOAPConfig | None = None) -> SOAP:
     """SOAP over ``model``'s parameters (no weight decay on biases and norms)."""
-    hp = dict(locals())
-    hp.pop("model")
-    _validate(hp)
-    return SOAP(split_decay_groups(model, weight_decay), **hp)
-
-
-register(
-    OptimizerSpec(
-        name="soap",
-        factory=build_soap,
-        description="Adam in the eigenbasis of Shampoo's factors (QR basis refresh)",
-        paper="Vyas et al., arXiv 2409.11321 (2024)",
-        needs_model=False,
-        curvature=True,
-        sampled_fisher=False,
-    )
-)
+    c = config or SOAPConfig()
+    return SOAP(split_decay_groups(model, c.weight_decay), c)

@@ -32,19 +32,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum, auto
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._eigencorrect import EigenCorrectedBlock, EigenCorrectedOptimizer, KroneckerEigen
+from ._config import option
+from ._eigencorrect import (
+    EigenCorrectedBlock,
+    EigenCorrectedConfig,
+    EigenCorrectedOptimizer,
+    KroneckerEigen,
+)
 from ._layers import LayerHelper
-from .base import check_choice, curvature_factory
-from .registry import OptimizerSpec, register
-from .tkfac import CONV_DAMPINGS, TRACE_FORMS, TKFACBlock
+from .base import CurvatureConfig
+from .tkfac import TKFACBlock, TKFACConfig
 
-__all__ = ["DAMPING_STYLES", "TEKFAC", "TKFACDamping", "build_tekfac"]
+__all__ = ["DampingStyle", "TEKFAC", "TEKFACConfig", "TKFACDamping"]
 
-DAMPING_STYLES = ("tkfac", "eigen")
+
+class DampingStyle(StrEnum):
+    """``tkfac``: TKFAC's damping carried into the eigenbasis; ``eigen``: EKFAC's ``s + λ``."""
+
+    tkfac = auto()
+    eigen = auto()
+
+
+@dataclass(kw_only=True)
+class TEKFACConfig(EigenCorrectedConfig, TKFACConfig):
+    """TEKFAC's options: TKFAC's factor options, the scaling options, the damping style."""
+
+    damping_style: DampingStyle = option(DampingStyle.tkfac, "tkfac | eigen (module doc)")
 
 
 @dataclass(frozen=True)
@@ -66,39 +83,12 @@ class TKFACDamping:
 class TEKFAC(EigenCorrectedOptimizer):
     """TEKFAC (see the module docstring): eigenvalue-corrected TKFAC factors."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        trace_form: str = "weighted",
-        conv_damping: str = "standard",
-        damping_style: str = "tkfac",
-        **kwargs: Any,
-    ) -> None:
-        check_choice("trace_form", trace_form, TRACE_FORMS)
-        check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
-        check_choice("damping_style", damping_style, DAMPING_STYLES)
-        self.trace_form = trace_form
-        self.conv_damping = conv_damping
-        self.damping_style = damping_style
-        super().__init__(model, **kwargs)
+    Config: type[CurvatureConfig] = TEKFACConfig
+    config: TEKFACConfig
 
     def make_block(self, layer: LayerHelper) -> EigenCorrectedBlock:
-        factors = TKFACBlock(layer, trace_form=self.trace_form, conv_damping=self.conv_damping)
-        return self.corrected(factors, TKFACDamping(factors, self.damping_style))
-
-
-build_tekfac = curvature_factory(TEKFAC, "tekfac")
-
-
-register(
-    OptimizerSpec(
-        name="tekfac",
-        factory=build_tekfac,
-        description="TEKFAC: TKFAC eigenbasis with corrected eigenvalues (re-implementation)",
-        paper="Gao et al., arXiv 2011.13609",
-        needs_model=True,
-        curvature=True,
-        sampled_fisher=True,
-    )
-)
+        c = self.config
+        factors = TKFACBlock(
+            layer, trace_form=str(c.trace_form), conv_damping=str(c.conv_damping)
+        )
+        return self.corrected(factors, TKFACDamping(factors, str(c.damping_style)))

@@ -39,22 +39,42 @@ since the paper's hyper-parameters are unknown (§3.4).
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from enum import StrEnum, auto
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ._config import option
 from ._kronecker import bias_bordered
 from ._layers import LayerHelper
 from ._linalg import columns, safe_inv
 from ._linalg import gram as _gram
-from .base import CurvatureBlock, CurvatureOptimizer, check_choice, curvature_factory
-from .registry import OptimizerSpec, register
+from .base import CurvatureBlock, CurvatureConfig, CurvatureOptimizer
 
-__all__ = ["CONV_DAMPINGS", "TKFAC", "TKFACBlock", "TRACE_FORMS", "build_tkfac"]
+__all__ = ["ConvDamping", "TKFAC", "TKFACBlock", "TKFACConfig", "TraceForm"]
 
-TRACE_FORMS = ("weighted", "normalized")
-CONV_DAMPINGS = ("standard", "trace")
+
+class TraceForm(StrEnum):
+    """``weighted``: trace-weighted factors (the paper); ``normalized``: plain A and G."""
+
+    weighted = auto()
+    normalized = auto()
+
+
+class ConvDamping(StrEnum):
+    """``standard``: damping λ on every layer; ``trace``: λ·δ_l on conv layers ([I])."""
+
+    standard = auto()
+    trace = auto()
+
+
+@dataclass(kw_only=True)
+class TKFACConfig(CurvatureConfig):
+    """TKFAC's options: the shared curvature options plus the factor and conv-damping forms."""
+
+    trace_form: TraceForm = option(TraceForm.weighted, "weighted | normalized factors")
+    conv_damping: ConvDamping = option(ConvDamping.standard, "standard | trace (conv layers)")
 
 
 def _homog_gram(xt: Tensor, w: Tensor | None, *, has_bias: bool) -> Tensor:
@@ -91,11 +111,9 @@ class TKFACBlock(CurvatureBlock):
         trace_form: str = "weighted",
         conv_damping: str = "standard",
     ) -> None:
-        check_choice("trace_form", trace_form, TRACE_FORMS)
-        check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
         super().__init__(layer)
-        self.trace_form = trace_form
-        self.conv_damping = conv_damping
+        self.trace_form = str(TraceForm(trace_form))
+        self.conv_damping = str(ConvDamping(conv_damping))
         self.diagonal = layer.diagonal_input
         self.m = layer.out_dim
         self.n = layer.in_dim
@@ -218,35 +236,9 @@ def _eye_like(m: Tensor) -> Tensor:
 class TKFAC(CurvatureOptimizer):
     """TKFAC (see the module docstring)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        trace_form: str = "weighted",
-        conv_damping: str = "standard",
-        **kwargs: Any,
-    ) -> None:
-        check_choice("trace_form", trace_form, TRACE_FORMS)
-        check_choice("conv_damping", conv_damping, CONV_DAMPINGS)
-        self.trace_form = trace_form
-        self.conv_damping = conv_damping
-        super().__init__(model, **kwargs)
+    Config = TKFACConfig
+    config: TKFACConfig
 
     def make_block(self, layer: LayerHelper) -> TKFACBlock:
-        return TKFACBlock(layer, trace_form=self.trace_form, conv_damping=self.conv_damping)
-
-
-build_tkfac = curvature_factory(TKFAC, "tkfac")
-
-
-register(
-    OptimizerSpec(
-        name="tkfac",
-        factory=build_tkfac,
-        description="TKFAC: trace-restricted Kronecker factorization δ·Φ⊗Ψ (re-implementation)",
-        paper="Gao et al., AAAI 2021 (arXiv 2011.10741)",
-        needs_model=True,
-        curvature=True,
-        sampled_fisher=True,
-    )
-)
+        c = self.config
+        return TKFACBlock(layer, trace_form=c.trace_form, conv_damping=c.conv_damping)

@@ -36,20 +36,24 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _list_optimizers(names_only: bool) -> None:
+def _list_optimizers(names_only: bool, verbose: bool = False) -> None:
     # the registry imports torch (the optimizers are torch.optim.Optimizer classes)
-    from optimizers import REGISTRY, list_optimizers
+    from optimizers import OPTIMIZERS
 
-    names = list_optimizers()
+    names = sorted(OPTIMIZERS)
     if names_only:
         print("\n".join(names))
         return
     w = max(map(len, names))
     for n in names:
-        s = REGISTRY[n]
+        s = OPTIMIZERS[n]
         on = (("curvature", s.curvature), ("hooks", s.needs_model), ("mc-fisher", s.sampled_fisher))
         flags = ",".join(f for f, yes in on if yes) or "first-order"
         print(f"{n:<{w}}  {flags:<26} {s.description}" + (f"  [{s.paper}]" if s.paper else ""))
+        if verbose:
+            defaults = s.config().to_dict()
+            for key, doc in s.config.docs().items():
+                print(f"{'':<{w}}    {key} = {defaults[key]!r}  # {doc}")
 
 
 def _list_tasks(names_only: bool) -> None:
@@ -79,6 +83,10 @@ def cmd_list(argv: list[str]) -> int:
     ap.add_argument("--names", action="store_true", help="names only, one per line")
     ap.add_argument("--search-space", action="store_true",
                     help="optimizers: the declared search space of each (the fair comparison)")
+    ap.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="optimizers: every hyperparameter with its default and doc",
+    )
     args = ap.parse_args(argv)
     if args.search_space and args.what == "optimizers":
         from .search_space import format_spaces
@@ -86,7 +94,7 @@ def cmd_list(argv: list[str]) -> int:
         print(format_spaces())
         return 0
     if args.what == "optimizers":
-        _list_optimizers(args.names)
+        _list_optimizers(args.names, args.verbose)
     else:
         _list_tasks(args.names)
     return 0

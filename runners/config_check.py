@@ -49,29 +49,18 @@ def check_train(train: Mapping[str, Any]) -> None:
 
 
 def check_optimizer(opt: Mapping[str, Any]) -> None:
-    from optimizers import get_spec, registry
+    from optimizers import config_class, make_config
 
     name = str(opt.get("name"))
-    spec = get_spec(name)
-    hparams = {k: v for k, v in opt.items() if k != "name"}
-    if hasattr(registry, "config_class"):
-        cls = registry.config_class(name)
-        valid = [f.name for f in dataclasses.fields(cls)]
-    else:  # until optimizers.registry.config_class exists (removed at merge)
-        cls, valid = None, list(spec.hparams)
-    for key in hparams:
-        if key not in valid:
+    cls = config_class(name)  # an unknown name is refused with the valid choices
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in opt:
+        if key != "name" and key not in valid:
             raise ConfigError(
                 unknown_key_message(f"optimizer.{key}", [f"optimizer.{n}" for n in valid])
                 + f"; {name!r} has no such hyperparameter"
             )
-    if cls is not None:
-        cls(**hparams)
-        return
-    registry.validate_hparams(spec, hparams)
-    m = hparams.get("momentum")
-    if m is not None and not (isinstance(m, (int, float)) and 0 <= m < 1):
-        raise registry.OptimizerConfigError(f"optimizer.momentum must be in [0, 1), got {m!r}")
+    make_config(opt)  # the config dataclass names a bad value
 
 
 def check_config(cfg: DictConfig | Mapping[str, Any], *, build: bool = True) -> None:

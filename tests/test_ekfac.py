@@ -3,21 +3,20 @@ against torch.func dense empirical-Fisher references (float64, tiny layers)."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from _helpers import checkpoint_round_trip, run_gloo, train_ce
+from _reference import dense_ef, per_example_matrices
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from optimizers import build_optimizer, get_spec
+from optimizers import build_optimizer
 from optimizers._eigencorrect import projected_second_moment
 from optimizers._layers import make_helper
-from optimizers.ekfac import EKFAC, build_ekfac
+from optimizers.ekfac import EKFAC
 from optimizers.kfac import KFAC
 
 DT = torch.float64
@@ -51,30 +50,8 @@ def data(model, n):
     return torch.randn(n, 3, dtype=DT), torch.randint(0, 3, (n,))
 
 
-def per_example_matrices(model, x, y) -> dict[str, torch.Tensor]:
-    """``(N, m, n)`` per-example gradients of each Linear/Conv2d in the ``[W | b]`` layout."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def one(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    model.eval()  # the optimizer's hooks capture only in training mode
-    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    model.train()
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            pre = f"{name}." if name else ""
-            w = g[pre + "weight"].reshape(x.shape[0], mod.weight.shape[0], -1)
-            if mod.bias is not None:
-                w = torch.cat([w, g[pre + "bias"].unsqueeze(2)], 2)
-            out[name] = w
-    return out
 
 
-def dense_ef(pe: torch.Tensor) -> torch.Tensor:
-    v = pe.reshape(pe.shape[0], -1)
-    return v.T @ v / pe.shape[0]
 
 
 def kfe(block) -> torch.Tensor:
@@ -307,22 +284,6 @@ def test_state_dict_round_trip_continues_identically():
     assert opt.memory_usage()["s"] > 0
 
 
-@pytest.mark.parametrize(
-    "kw,match",
-    [
-        (dict(scalings="bogus"), "optimizer.scalings"),
-        (dict(scale_decay=1.0), "optimizer.scale_decay"),
-        (dict(scale_decay=-0.1), "optimizer.scale_decay"),
-        (dict(scale_every=0), "optimizer.scale_every"),
-        (dict(damping=-1.0), "optimizer.damping"),
-        (dict(fisher="x"), "optimizer.fisher"),
-    ],
-)
-def test_bad_inputs_raise(kw, match):
-    with pytest.raises(ValueError, match=match):
-        build_ekfac(mlp(), **kw)
-    with pytest.raises(ValueError, match=match):
-        build_optimizer("ekfac", mlp(), **kw)
 
 
 def test_trains_tiny_conv_net_and_mc_fisher_runs():
@@ -345,19 +306,6 @@ def test_trains_tiny_conv_net_and_mc_fisher_runs():
         assert set(opt.phase_times()) >= {"statistics", "inverse", "precondition"}
 
 
-def test_registry_and_config_defaults_match_factory():
-    spec = get_spec("ekfac")
-    assert spec.needs_model and spec.curvature and spec.sampled_fisher
-    cfg = yaml.safe_load((ROOT / "configs/optimizer/ekfac.yaml").read_text())
-    assert cfg["name"] == "ekfac"
-    keys = set(cfg) - {"name"}
-    assert keys == set(spec.hparams)
-    defaults = {k: p.default for k, p in inspect.signature(build_ekfac).parameters.items()}
-    for k in keys:
-        assert cfg[k] == defaults[k] or (cfg[k] == [] and defaults[k] is None), k
-    opt = build_optimizer(cfg, mlp())
-    assert isinstance(opt, EKFAC) and opt.stat_every == 10 and opt.inv_every == 100
-    assert opt.scalings == "exact" and opt.scale_every is None
 
 
 # --------------------------------------------------------------------------- DDP (KAISA)

@@ -7,14 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from optimizers import build_optimizer, get_spec
 from optimizers._kronecker import KroneckerBlock
-from optimizers.kfac import KFAC, build_kfac
+from optimizers.kfac import KFAC
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,22 +286,3 @@ def test_kfac_trains_a_tiny_conv_net():
 
 
 # --------------------------------------------------------------------------- registry/config
-def test_registry_and_config_defaults_match_factory():
-    spec = get_spec("kfac")
-    assert spec.needs_model and spec.curvature and spec.sampled_fisher
-    cfg = yaml.safe_load((ROOT / "configs/optimizer/kfac.yaml").read_text())
-    assert cfg["name"] == "kfac"
-    keys = set(cfg) - {"name"}
-    assert keys == set(spec.hparams)
-    import inspect
-
-    defaults = {
-        k: p.default for k, p in inspect.signature(build_kfac).parameters.items() if k != "model"
-    }
-    for k in keys:
-        expect = defaults[k]
-        assert cfg[k] == (list(expect) if isinstance(expect, tuple) else expect) or (
-            cfg[k] == [] and expect is None
-        ), k
-    opt = build_optimizer(cfg, nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)))
-    assert isinstance(opt, KFAC) and opt.stat_every == 10 and opt.inv_every == 100

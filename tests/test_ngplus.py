@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-import inspect
 import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from _helpers import checkpoint_round_trip, train_ce
+from _reference import per_example_matrices
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-from optimizers import build_optimizer, get_spec
-from optimizers.ngplus import NGPlus, _embedding_gram, _per_example_gram, build_ngplus
+from optimizers.ngplus import NGPlus, _embedding_gram, _per_example_gram
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,25 +38,6 @@ def one_step(model, loss_fn, **kw):
     return opt, grads
 
 
-def per_example_matrices(model, x, y, loss, layer_names):
-    """``{layer: (N, m, n)}`` per-example gradients in the homogeneous [W | b] layout."""
-    model = copy.deepcopy(model)
-    for mod in model.modules():  # an optimizer's capture hooks must not see the vmapped calls
-        mod._forward_hooks.clear()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def one(p, xi, yi):
-        return loss(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    out = {}
-    for name in layer_names:
-        pre = f"{name}." if name else ""
-        w = g[pre + "weight"].reshape(x.shape[0], g[pre + "weight"].shape[1], -1)
-        if pre + "bias" in g:
-            w = torch.cat([w, g[pre + "bias"].unsqueeze(-1)], dim=-1)
-        out[name] = w
-    return out
 
 
 # --------------------------------------------------------------------------- §4.7.1
@@ -270,41 +247,4 @@ def test_numerical_failure_keeps_previous_inverse():
     assert all(torch.isfinite(p).all() for p in lin.parameters())
 
 
-@pytest.mark.parametrize(
-    "kw,key",
-    [
-        ({"damping": 0.0}, "damping"),
-        ({"damping": -1.0}, "damping"),
-        ({"curvature_momentum": 0.0}, "curvature_momentum"),
-        ({"curvature_momentum": 1.5}, "curvature_momentum"),
-        ({"stat_every": 0}, "stat_every"),
-        ({"inv_every": 0}, "inv_every"),
-        ({"damping_decay_every": 0}, "damping_decay_every"),
-        ({"damping_decay_rate": 0.0}, "damping_decay_rate"),
-        ({"smw": "sometimes"}, "smw"),
-        ({"conv_scale": "sqrt"}, "conv_scale"),
-    ],
-)
-def test_bad_inputs_raise_naming_the_key(kw, key):
-    with pytest.raises(ValueError, match=f"optimizer.{key}"):
-        build_ngplus(nn.Linear(2, 2), **kw)
 
-
-def test_registry_and_configs():
-    spec = get_spec("ngplus")
-    assert spec.needs_model and spec.curvature and spec.sampled_fisher
-    defaults = {
-        k: p.default for k, p in inspect.signature(build_ngplus).parameters.items() if k != "model"
-    }
-    for fname in ("ngplus.yaml", "ngplus_resnet50.yaml"):
-        cfg = yaml.safe_load((ROOT / "configs/optimizer" / fname).read_text())
-        assert cfg["name"] == "ngplus"
-        assert set(cfg) - {"name"} == set(spec.hparams)
-        if fname == "ngplus.yaml":
-            for k in spec.hparams:
-                assert cfg[k] == defaults[k] or (cfg[k] == [] and defaults[k] is None), k
-        opt = build_optimizer(cfg, nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)))
-        assert isinstance(opt, NGPlus)
-    r50 = yaml.safe_load((ROOT / "configs/optimizer/ngplus_resnet50.yaml").read_text())
-    assert (r50["stat_every"], r50["inv_every"], r50["damping"]) == (1000, 1000, 0.35)
-    assert (r50["curvature_momentum"], r50["damping_decay_rate"]) == (0.9, 0.75)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 
-from optimizers import build_optimizer, get_spec
-from optimizers.sngd import SNGD, build_sngd, denman_beavers
+from optimizers.sngd import SNGD, denman_beavers
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,38 +278,3 @@ def test_state_dict_round_trip_training_and_fallback():
         train_ce(net, opt, x, y, 4)
     assert torch.equal(opt.blocks["5"].tensors["Minv"], old)
 
-
-@pytest.mark.parametrize(
-    "kw,key",
-    [
-        ({"damping": 0.0}, "damping"),
-        ({"damping": -1e-4}, "damping"),
-        ({"damping_abs": -1.0}, "damping_abs"),
-        ({"stat_every": 0}, "stat_every"),
-        ({"inv_every": 0}, "inv_every"),
-        ({"stat_decay": 1.0}, "stat_decay"),
-        ({"mode": "full"}, "mode"),
-        ({"conv_mode": "kernel"}, "conv_mode"),
-        ({"unit_weight": "relu"}, "unit_weight"),
-        ({"unit_max_elements": 0}, "unit_max_elements"),
-        ({"init": "zeros"}, "init"),
-    ],
-)
-def test_bad_inputs_raise_naming_the_key(kw, key):
-    with pytest.raises(ValueError, match=f"optimizer.{key}"):
-        build_sngd(nn.Linear(2, 2), **kw)
-
-
-def test_registry_and_config_defaults_match_factory():
-    spec = get_spec("sngd")
-    assert spec.needs_model and spec.curvature and not spec.sampled_fisher
-    cfg = yaml.safe_load((ROOT / "configs/optimizer/sngd.yaml").read_text())
-    assert cfg["name"] == "sngd" and set(cfg) - {"name"} == set(spec.hparams)
-    defaults = {
-        k: p.default for k, p in inspect.signature(build_sngd).parameters.items() if k != "model"
-    }
-    for k in spec.hparams:
-        assert cfg[k] == defaults[k] or (cfg[k] == [] and defaults[k] is None), k
-    opt = build_optimizer(cfg, nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)))
-    assert isinstance(opt, SNGD) and opt.stat_every == 10
-    assert opt.stat_decay == pytest.approx(0.995**10)

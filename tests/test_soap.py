@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 import optimizers.soap as soap_mod
-from optimizers import OptimizerConfigError, build_optimizer, get_spec
 from optimizers.soap import SOAP, merge_dims_front
 
 DT = torch.float64
@@ -94,39 +91,3 @@ def test_merge_dims_follows_the_reference_by_default():
         shapes[rule] = [tuple(gg.shape) for gg in opt.state[p]["GG"]]
     assert shapes == {"front": [(96, 96), (3, 3)], "back": [(8, 8), (36, 36)]}
     assert SOAP([p]).defaults["merge_from"] == "front"
-
-
-def test_contracts_state_dict_and_bad_inputs():
-    spec = get_spec("soap")
-    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
-    assert set(cfg) - {"name"} == set(spec.hparams)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
-    opt = build_optimizer(cfg, model, precondition_frequency=2)
-    x = torch.randn(6, 3, dtype=DT)
-
-    def train(m, o, n):
-        for _ in range(n):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            o.step()
-
-    train(model, opt, 3)
-    model2 = copy.deepcopy(model)
-    opt2 = build_optimizer(cfg, model2, precondition_frequency=2)
-    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    train(model, opt, 3)
-    train(model2, opt2, 3)
-    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
-        assert torch.equal(a, b)
-    assert opt.memory_usage()["factors"] > 0 and opt.phase_times()["inverse"] > 0
-    for key, value in [
-        ("eps", 0.0),
-        ("beta2", 1.0),
-        ("precondition_frequency", 0),
-        ("max_precond_dim", 0),
-        ("shampoo_beta", 1.0),
-        ("merge_from", "middle"),
-    ]:
-        with pytest.raises(OptimizerConfigError, match=f"optimizer.{key} must be"):
-            build_optimizer("soap", model, **{key: value})

@@ -3,22 +3,20 @@ against torch.func dense empirical-Fisher references and closed forms (float64, 
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from _helpers import checkpoint_round_trip, train_ce
+from _reference import dense_ef, per_example_matrices
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from optimizers import build_optimizer, get_spec
 from optimizers._layers import make_helper
-from optimizers.tekfac import TEKFAC, build_tekfac
-from optimizers.tkfac import TKFAC, TKFACBlock, build_tkfac
+from optimizers.tekfac import TEKFAC
+from optimizers.tkfac import TKFAC, TKFACBlock
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,29 +44,8 @@ def conv_net():
     ).to(DT)
 
 
-def per_example_matrices(model, x, y) -> dict[str, torch.Tensor]:
-    """``(N, m, n)`` per-example gradients of each Linear in the ``[W | b]`` layout."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def one(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    model.eval()  # the optimizer's hooks capture only in training mode
-    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    model.train()
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            w = g[f"{name}.weight"]
-            if mod.bias is not None:
-                w = torch.cat([w, g[f"{name}.bias"].unsqueeze(2)], 2)
-            out[name] = w
-    return out
 
 
-def dense_ef(pe):
-    v = pe.reshape(pe.shape[0], -1)
-    return v.T @ v / pe.shape[0]
 
 
 
@@ -283,25 +260,6 @@ def test_state_dict_round_trip_continues_identically(cls):
         assert set(b.tensors) >= {"Phi", "Psi", "trace", "T"}
 
 
-@pytest.mark.parametrize(
-    "name,kw,match",
-    [
-        ("tkfac", dict(trace_form="exact"), "optimizer.trace_form"),
-        ("tkfac", dict(conv_damping="new"), "optimizer.conv_damping"),
-        ("tkfac", dict(damping=0.0), "optimizer.damping"),
-        ("tekfac", dict(trace_form="x"), "optimizer.trace_form"),
-        ("tekfac", dict(damping_style="x"), "optimizer.damping_style"),
-        ("tekfac", dict(scalings="x"), "optimizer.scalings"),
-        ("tekfac", dict(scale_decay=2.0), "optimizer.scale_decay"),
-        ("tekfac", dict(scale_every=-1), "optimizer.scale_every"),
-    ],
-)
-def test_bad_inputs_raise(name, kw, match):
-    factory = {"tkfac": build_tkfac, "tekfac": build_tekfac}[name]
-    with pytest.raises(ValueError, match=match):
-        factory(mlp(), **kw)
-    with pytest.raises(ValueError, match=match):
-        build_optimizer(name, mlp(), **kw)
 
 
 @pytest.mark.parametrize(
@@ -322,17 +280,3 @@ def test_trains_tiny_conv_net(cls, kw):
     train_ce(net, opt, x, y, 25)
     assert F.cross_entropy(net(x), y).item() < 0.5 * first
 
-
-@pytest.mark.parametrize("name,factory", [("tkfac", build_tkfac), ("tekfac", build_tekfac)])
-def test_registry_and_config_defaults_match_factory(name, factory):
-    spec = get_spec(name)
-    assert spec.needs_model and spec.curvature and spec.sampled_fisher
-    cfg = yaml.safe_load((ROOT / f"configs/optimizer/{name}.yaml").read_text())
-    assert cfg["name"] == name
-    keys = set(cfg) - {"name"}
-    assert keys == set(spec.hparams)
-    defaults = {k: p.default for k, p in inspect.signature(factory).parameters.items()}
-    for k in keys:
-        assert cfg[k] == defaults[k] or (cfg[k] == [] and defaults[k] is None), k
-    opt = build_optimizer(cfg, mlp())
-    assert opt.stat_every == 10 and opt.inv_every == 100 and opt.trace_form == "weighted"
