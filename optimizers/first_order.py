@@ -23,7 +23,7 @@ class SGDConfig(OptimizerConfig):
     """``torch.optim.SGD``'s options."""
 
     lr: float = option(0.1, "learning rate", ge=0)
-    momentum: float = option(0.9, "heavy-ball momentum", ge=0)
+    momentum: float = option(0.9, "heavy-ball momentum", ge=0, lt=1)
     nesterov: bool = option(False, "Nesterov momentum (needs momentum > 0 and dampening = 0)")
     weight_decay: float = option(0.0, "L2 weight decay (not on biases and norms)", ge=0)
     dampening: float = option(0.0, "dampening of the momentum buffer", ge=0)

@@ -14,6 +14,7 @@ before a run folder is made.  This module imports neither torch nor the optimize
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,14 +153,19 @@ def register_schemas() -> None:
 
 
 def register_optimizer_schemas() -> None:
-    """Store ``schema/optimizer/<name>`` once ``optimizers.registry.config_class`` exists
-    (imports torch: called by ``ngbench train`` only)."""
+    """Store ``schema/optimizer/<name>``: each optimizer's config dataclass (its keys, types
+    and defaults) plus the ``name`` key the YAML presets carry (imports torch: called by
+    ``ngbench train`` only).  ``configs/optimizer/*.yaml`` extend it with their differences."""
     from hydra.core.config_store import ConfigStore
 
-    from optimizers import registry
+    from optimizers import OPTIMIZERS
 
-    if not hasattr(registry, "config_class"):
-        return
     cs = ConfigStore.instance()
-    for name in registry.list_optimizers():
-        cs.store(group="schema/optimizer", name=name, node=registry.config_class(name))
+    for name, spec in OPTIMIZERS.items():
+        node = dataclasses.make_dataclass(
+            f"{spec.config.__name__}Node",
+            [("name", str, dataclasses.field(default=name))],
+            bases=(spec.config,),
+            kw_only=True,
+        )
+        cs.store(group="schema/optimizer", name=name, node=node)

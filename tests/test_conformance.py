@@ -107,10 +107,14 @@ def test_config_class_is_keyword_only_documented_and_complete(name):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_preset_files_build(path):
+def test_preset_files_hold_only_what_differs_from_the_defaults(path):
     cfg = yaml.safe_load(path.read_text())
     name = cfg.pop("name")
-    assert isinstance(optimizers.make_config(name, **cfg), config_class(name))
+    cls = config_class(name)
+    defaults = cls().to_dict()
+    same = sorted(k for k, v in cfg.items() if k in defaults and v == defaults[k])
+    assert not same, f"{path.name} repeats the defaults of {cls.__name__}: {same}"
+    assert isinstance(optimizers.make_config(name, **cfg), cls)
 
 
 # ----------------------------------------------------------------------------- optimizers

@@ -7,7 +7,6 @@ Also one step of each under CPU bf16 autocast, and the batch transfer with ``non
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 
 import pytest
@@ -52,7 +51,7 @@ IDS = [n + "".join(f":{k}={v}" for k, v in hp.items()) for n, hp in CASES]
 
 
 def _build(name: str, model: nn.Module, **extra):
-    params = inspect.signature(get_spec(name).factory).parameters
+    params = get_spec(name).hparams
     hp = {k: 1 for k in EVERY_STEP if k in params}
     return build_optimizer(name, model, lr=1e-3, **hp, **extra)
 
