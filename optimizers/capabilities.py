@@ -8,9 +8,10 @@ not (they have no phases or periodic refresh worth reporting).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Instrumented"]
+__all__ = ["Instrumented", "SampledFisher", "SplitState"]
 
 
 @runtime_checkable
@@ -28,3 +29,25 @@ class Instrumented(Protocol):
     def refresh_period(self) -> int:
         """Steps between its costliest periodic refresh (1 = none)."""
         ...
+
+
+@runtime_checkable
+class SampledFisher(Protocol):
+    """An optimizer that may ask for an extra backward against labels sampled from the model
+    (an MC Fisher) before the training backward of a step."""
+
+    def needs_sampled_backward(self) -> bool:
+        """``True`` when this step wants the sampled-label backward."""
+        ...
+
+    def sampled_backward(self) -> AbstractContextManager[None]:
+        """Backward passes inside it feed the curvature statistics, not ``.grad``."""
+        ...
+
+
+@runtime_checkable
+class SplitState(Protocol):
+    """An optimizer whose state may be split over ranks (KAISA): every rank calls
+    :meth:`consolidate_state_dict` before rank ``to`` saves a checkpoint."""
+
+    def consolidate_state_dict(self, to: int = 0) -> None: ...

@@ -39,9 +39,6 @@ from torch import Tensor, nn
 
 __all__ = ["MODELS", "PEERS", "main", "run_bench"]
 
-#: attributes / param-group keys that name a periodic refresh frequency
-FREQ_KEYS = ("inv_every", "precondition_frequency", "precondition_every", "refresh_every",
-             "update_every", "stat_every", "scale_every")
 BASELINES = ("sgd", "adamw")
 #: learning rates on the fixed random batch (the step time does not depend on them)
 LR = {"adamw": 1e-3, "soap": 1e-3, "shampoo": 1e-3}
@@ -242,22 +239,15 @@ def _collect(state: Any, seen: dict[tuple, int]) -> None:
 
 
 def _instrumented(opt: Any) -> tuple[dict[str, float], dict[str, int], int]:
-    """``(phase seconds, memory bytes per kind, refresh period)`` of an optimizer.  The one
-    place that guesses from attribute names until ``optimizers.capabilities.Instrumented``
-    (``phase_times``/``memory_usage``/``refresh_period``) is merged; swap the body then."""
-    fn = getattr(opt, "phase_times", None)
-    phases = dict(fn()) if callable(fn) else {}
-    fn = getattr(opt, "memory_usage", None)
-    memory = {k: int(v) for k, v in fn().items()} if callable(fn) else {}
-    fn = getattr(opt, "refresh_period", None)
-    if callable(fn):
-        return phases, memory, int(fn())
-    vals = []
-    for key in FREQ_KEYS:
-        for src in (getattr(opt, key, None), getattr(opt, "defaults", {}).get(key)):
-            if isinstance(src, int) and not isinstance(src, bool):
-                vals.append(src)
-    return phases, memory, max(vals, default=1)
+    """``(phase seconds, memory bytes per kind, refresh period)`` of an optimizer that is
+    :class:`~optimizers.capabilities.Instrumented`; a plain ``torch.optim.Optimizer`` (SGD,
+    AdamW) has no phases, its state bytes and no refresh."""
+    from optimizers.capabilities import Instrumented
+
+    if isinstance(opt, Instrumented):
+        memory = {k: int(v) for k, v in opt.memory_usage().items()}
+        return dict(opt.phase_times()), memory, int(opt.refresh_period())
+    return {}, {}, 1
 
 
 def _frequency(opt: Any) -> int:

@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from optimizers import build_optimizer, get_spec
+from optimizers.capabilities import Instrumented, SampledFisher, SplitState
 from tasks import build_task
 
 from . import distributed, lock, records
@@ -119,12 +120,12 @@ class Capabilities:
 
 
 def capabilities(spec: Any, optimizer: Any) -> Capabilities:
-    """The one place that asks (spec flags and attributes today; to become
-    ``isinstance(optimizer, optimizers.capabilities.Instrumented)``)."""
+    """The one place that asks: the registry's flags and the optimizer's protocols
+    (:mod:`optimizers.capabilities`), never its name."""
     return Capabilities(
-        sampled_fisher=spec.sampled_fisher and hasattr(optimizer, "needs_sampled_backward"),
-        phase_times=getattr(optimizer, "phase_times", None),
-        split_state=hasattr(optimizer, "consolidate_state_dict"),
+        sampled_fisher=bool(spec.sampled_fisher) and isinstance(optimizer, SampledFisher),
+        phase_times=optimizer.phase_times if isinstance(optimizer, Instrumented) else None,
+        split_state=isinstance(optimizer, SplitState),
     )
 
 
@@ -144,12 +145,13 @@ def train_step(
     """
     optimizer.zero_grad(set_to_none=True)
     loss, outputs = task.loss(model, batch)
-    if sampled_fisher and optimizer.needs_sampled_backward():  # type: ignore[attr-defined]
+    wants = isinstance(optimizer, SampledFisher) and optimizer.needs_sampled_backward()
+    if sampled_fisher and wants:
         sampled = task.sampled_loss(outputs)
         if sampled is not None:
             # under DDP the sampled-label gradients must not be all-reduced: they are discarded
             no_sync = getattr(model, "no_sync", contextlib.nullcontext)
-            with no_sync(), optimizer.sampled_backward():  # type: ignore[attr-defined]
+            with no_sync(), optimizer.sampled_backward():
                 sampled.backward(retain_graph=True)
     loss.backward()
     if grad_clip:

@@ -24,7 +24,6 @@ at 32x32 in place of ResNet-50, whose 4608-wide eigendecompositions take minutes
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -92,7 +91,7 @@ def smoke_task(task: str, names: list[str], device: torch.device, autocast: str 
             row["status"] = "skipped (time budget)"
             continue
         name, hp = bench.parse_variant(label)
-        accepted = inspect.signature(get_spec(name).factory).parameters
+        accepted = get_spec(name).hparams
         hp = {**{k: 1 for k in EVERY_STEP if k in accepted}, **hp}
         losses: list[float] = []
         t0 = time.perf_counter()
