@@ -33,15 +33,15 @@ help:
 	@echo "make results the committed comparison (800 steps, tuned) in results/autoencoder_mnist_tiny"
 	@echo "make leaderboard  the fair comparison on six tiny workloads (hours; resumable)"
 	@echo "make test    the test suite (what CI runs)"
-	@echo "make lint    ruff, and mypy --strict on optimizers/"
+	@echo "make lint    ruff; mypy (strict on optimizers/)"
 	@echo "make bench   step-overhead benchmark on the small CNN"
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,peers]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,peers]"
 	@touch $(STAMP)
 	$(MAKE) --no-print-directory data
 
@@ -64,7 +64,7 @@ results: setup
 	$(NGB) report $(RESULTS_RUNS) --out $(RESULTS_OUT)
 
 leaderboard: setup
-	$(BIN)/python -m runners.leaderboard --jobs $(JOBS) $(LEADERBOARD_ARGS)
+	$(BIN)/python -m ngbench.runners.leaderboard --jobs $(JOBS) $(LEADERBOARD_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q --timeout=900
@@ -72,9 +72,13 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" --timeout=600
 
+# the type checker sees the installed names (ngbench.*) through links under build/typecheck
+TYPECHECK := build/typecheck/ngbench
 lint: setup
-	$(BIN)/ruff check optimizers tasks runners tests
-	$(BIN)/mypy
+	$(BIN)/ruff check optimizers tasks runners tests scripts
+	@mkdir -p $(TYPECHECK) && for d in optimizers tasks runners; do ln -sfn ../../../$$d $(TYPECHECK)/$$d; done
+	$(BIN)/mypy --strict -p ngbench.optimizers
+	$(BIN)/mypy -p ngbench.runners -p ngbench.tasks
 
 bench: setup
 	$(NGB) bench --model small_cnn --optimizers $(DEMO_OPTS) --json results/bench_small_cnn.json

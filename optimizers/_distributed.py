@@ -284,7 +284,7 @@ class LocalComm:
 
 
 class KaisaComm:
-    """The collective side of a :class:`~optimizers.base.CurvatureOptimizer` under DDP."""
+    """The collective side of a :class:`~ngbench.optimizers.base.CurvatureOptimizer` under DDP."""
 
     def __init__(
         self,

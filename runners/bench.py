@@ -84,7 +84,7 @@ def _ae_data(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
 
 
 def _ae_model() -> nn.Module:
-    from tasks.autoencoder import Autoencoder
+    from ngbench.tasks.autoencoder import Autoencoder
 
     return Autoencoder([784, 128, 32])
 
@@ -101,7 +101,7 @@ def _imagenet_data(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
 
 
 def _resnet50() -> nn.Module:
-    from tasks.resnet import build_resnet
+    from ngbench.tasks.resnet import build_resnet
 
     return build_resnet("resnet50", num_classes=1000)
 
@@ -159,7 +159,7 @@ def task_workload(text: str, batch_size: int | None, seed: int,
     loss and first training batch of epoch 0 (the train config's batch size by default)."""
     from omegaconf import OmegaConf
 
-    from tasks import build_task
+    from ngbench.tasks import build_task
 
     name, overrides = parse_variant(text)
     path = CONFIG_DIR / "task" / f"{name}.yaml"
@@ -168,7 +168,7 @@ def task_workload(text: str, batch_size: int | None, seed: int,
                          + ", ".join(_task_names()))
     import dataclasses
 
-    from tasks.config import TASK_CONFIGS
+    from ngbench.tasks.config import TASK_CONFIGS
 
     cfg = OmegaConf.load(path)  # the preset's differences: data_root, the train budget
     cfg.task = OmegaConf.merge({"name": name}, cfg.get("task") or {})
@@ -242,7 +242,7 @@ def _instrumented(opt: Any) -> tuple[dict[str, float], dict[str, int], int]:
     """``(phase seconds, memory bytes per kind, refresh period)`` of an optimizer that is
     :class:`~optimizers.capabilities.Instrumented`; a plain ``torch.optim.Optimizer`` (SGD,
     AdamW) has no phases, its state bytes and no refresh."""
-    from optimizers.capabilities import Instrumented
+    from ngbench.optimizers.capabilities import Instrumented
 
     if isinstance(opt, Instrumented):
         memory = {k: int(v) for k, v in opt.memory_usage().items()}
@@ -297,7 +297,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 def _make_ours(label: str, work: Workload, seed: int, *, device: torch.device,
                autocast: str | None = None) -> Runner:
-    from optimizers import build_optimizer, get_spec
+    from ngbench.optimizers import build_optimizer, get_spec
 
     name, hparams = parse_variant(label)
     spec = get_spec(name)
@@ -720,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(_task_names()))
         if a.peers:
             return fail("--peers run on --model workloads only (their loss call differs)")
-    from optimizers import list_optimizers
+    from ngbench.optimizers import list_optimizers
 
     known = list_optimizers()
     try:
@@ -731,8 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         return fail(f"--optimizers: {bad[0]!r} is not registered; valid choices: "
                     + ", ".join(known))
-    from optimizers.registry import OptimizerConfigError
-    from tasks import DataNotFoundError, TaskConfigError
+    from ngbench.optimizers.registry import OptimizerConfigError
+    from ngbench.tasks import DataNotFoundError, TaskConfigError
     bad = [o for o in a.peers if o not in PEERS]
     if bad:
         return fail(f"--peers: {bad[0]!r} is not valid; valid choices: {', '.join(PEERS)}")

@@ -38,7 +38,7 @@ def cmd_train(argv: list[str]) -> int:
 
 def _list_optimizers(names_only: bool, verbose: bool = False) -> None:
     # the registry imports torch (the optimizers are torch.optim.Optimizer classes)
-    from optimizers import OPTIMIZERS
+    from ngbench.optimizers import OPTIMIZERS
 
     names = sorted(OPTIMIZERS)
     if names_only:
@@ -58,7 +58,7 @@ def _list_optimizers(names_only: bool, verbose: bool = False) -> None:
 
 def _list_tasks(names_only: bool) -> None:
     # tasks.config needs neither torch nor Hydra: the defaults of each task config class
-    from tasks.config import TASK_CONFIGS
+    from ngbench.tasks.config import TASK_CONFIGS
 
     if names_only:
         print("\n".join(sorted(TASK_CONFIGS)))
@@ -101,7 +101,7 @@ def cmd_list(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
-    from tasks.config import TASK_CONFIGS
+    from ngbench.tasks.config import TASK_CONFIGS
 
     known: dict[str, str] = {}  # data set -> the first task that accepts it
     for name in sorted(TASK_CONFIGS):
@@ -126,7 +126,7 @@ def cmd_data(argv: list[str]) -> int:
         return 2
     import os
 
-    from tasks import TASKS, DataNotFoundError, list_tasks
+    from ngbench.tasks import TASKS, DataNotFoundError, list_tasks
 
     list_tasks()  # loads the task modules
     root = args.root or Path(os.environ.get("NGBENCH_DATA", "data"))

@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tasks.config import TaskConfigError, task_config, unknown_key_message
+from ngbench.tasks.config import TaskConfigError, task_config, unknown_key_message
 
 from .schema import ConfigError, LoggerConfig, NgbenchConfig, TrainConfig
 
@@ -49,7 +49,7 @@ def check_train(train: Mapping[str, Any]) -> None:
 
 
 def check_optimizer(opt: Mapping[str, Any]) -> None:
-    from optimizers import config_class, make_config
+    from ngbench.optimizers import config_class, make_config
 
     name = str(opt.get("name"))
     cls = config_class(name)  # an unknown name is refused with the valid choices
@@ -86,7 +86,7 @@ def check_config(cfg: DictConfig | Mapping[str, Any], *, build: bool = True) -> 
     task_config(c.get("task") or {})
     check_optimizer(c.get("optimizer") or {})
     if build:
-        from tasks import build_task
+        from ngbench.tasks import build_task
 
         build_task(c["task"])  # the task's own checks (data is loaded lazily)
 
@@ -106,7 +106,7 @@ def check_override_keys(overrides: list[str]) -> None:
     root key, ``task.X`` for the chosen task), naming the closest valid key: Hydra's own
     message would suggest adding it with ``+``.  Keys it cannot place (optimizer.*, keys an
     experiment may change) are left to Hydra and :func:`check_config`."""
-    from tasks.config import TASK_CONFIGS
+    from ngbench.tasks.config import TASK_CONFIGS
 
     pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("-")]
     choice = {k.lstrip("+~"): v for k, v in pairs}
@@ -127,7 +127,7 @@ def check_override_keys(overrides: list[str]) -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from optimizers import OptimizerConfigError
+    from ngbench.optimizers import OptimizerConfigError
 
     return (ConfigError, TaskConfigError, OptimizerConfigError)
 

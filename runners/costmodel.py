@@ -261,7 +261,7 @@ def _tensor_blocks(name: str, settings: dict[str, Any],
     """``(count, dims)`` of the preconditioned blocks of Shampoo (optimizers/shampoo.py's own
     dim merging and blocking) or SOAP (one factor per dim up to ``max_precond_dim``, 1-D
     parameters left out, the default ``merge_dims=False``)."""
-    from optimizers.shampoo import _block_slices, merge_dims
+    from ngbench.optimizers.shampoo import _block_slices, merge_dims
 
     out: list[tuple[int, tuple]] = []
     for shape in param_shapes or []:

@@ -325,7 +325,7 @@ def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[froze
         (phase, workload, optimizer, rest, seeds), group = item
         trials = [c.trial_config for c in group if c.trial_config]
         cmd = [
-            sys.executable, "-m", "runners.cli", "train", "-m", *rest,
+            sys.executable, "-m", "ngbench.runners.cli", "train", "-m", *rest,
             *([f"{TRIAL_GROUP}={','.join(trials)}"] if trials else []),
             f"seed={','.join(map(str, seeds))}",
             f"train.eval_every={s.eval_every or s.workloads[workload].eval_every}",
@@ -715,7 +715,7 @@ SMOKE: dict[str, Any] = {
 
 def parse(argv: list[str] | None = None) -> tuple[list[str], Settings]:
     ap = argparse.ArgumentParser(
-        prog="python -m runners.leaderboard",
+        prog="python -m ngbench.runners.leaderboard",
         description="The fair comparison: tune every optimizer with the same number of "
         "quasi-random trials from its declared search space, calibrate targets on the tuned "
         "first-order baselines, rerun the best trials over seeds, score the no-tuning track, "
@@ -754,7 +754,7 @@ def parse(argv: list[str] | None = None) -> tuple[list[str], Settings]:
     bad = [n for n in names if n not in workloads]
     if bad:
         ap.error(f"unknown workload(s) {bad}; valid choices: {', '.join(workloads)}")
-    from optimizers import list_optimizers
+    from ngbench.optimizers import list_optimizers
 
     opts = a.optimizers.split(",") if a.optimizers else sm.get("optimizers", list_optimizers())
     bad = [o for o in opts if o not in list_optimizers()]
@@ -774,7 +774,7 @@ def parse(argv: list[str] | None = None) -> tuple[list[str], Settings]:
         runs_root=a.runs_root.resolve(),
         out=a.out.resolve(),
         targets_file=(a.targets_file or (a.out / "targets.yaml" if a.smoke else TARGETS_FILE)),
-        command="python -m runners.leaderboard " + " ".join(argv if argv is not None
+        command="python -m ngbench.runners.leaderboard " + " ".join(argv if argv is not None
                                                             else sys.argv[1:]),
         git_commit=a.git_commit,
     )

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from optimizers import build_optimizer, get_spec
-from optimizers.capabilities import Instrumented, SampledFisher, SplitState
-from tasks import build_task
+from ngbench.optimizers import build_optimizer, get_spec
+from ngbench.optimizers.capabilities import Instrumented, SampledFisher, SplitState
+from ngbench.tasks import build_task
 
 from . import distributed, lock, records
 from .checkpoint import Checkpointer

@@ -137,7 +137,7 @@ def append_metrics(path: Path, row: dict[str, Any]) -> None:
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
-    """Hash of the parts of a config that decide the result (``runners.identity``)."""
+    """Hash of the parts of a config that decide the result (``ngbench.runners.identity``)."""
     from .identity import config_hash as identity_hash
 
     return identity_hash(resolved)

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from tasks.config import TASK_CONFIGS
+from ngbench.tasks.config import TASK_CONFIGS
 
 from .schedules import SCHEDULES as SCHEDULE_NAMES
 
@@ -158,7 +158,7 @@ def register_optimizer_schemas() -> None:
     ``ngbench train`` only).  ``configs/optimizer/*.yaml`` extend it with their differences."""
     from hydra.core.config_store import ConfigStore
 
-    from optimizers import OPTIMIZERS
+    from ngbench.optimizers import OPTIMIZERS
 
     cs = ConfigStore.instance()
     for name, spec in OPTIMIZERS.items():

@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from optimizers import get_spec, list_optimizers
-from optimizers.registry import validate_hparams
+from ngbench.optimizers import get_spec, list_optimizers
+from ngbench.optimizers.registry import validate_hparams
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "configs" / "leaderboard" / "search_space"
 KINDS = ("log", "one_minus_log", "uniform", "choice")

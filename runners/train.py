@@ -30,8 +30,8 @@ log = logging.getLogger("ngbench")
 
 
 def _data_name(task: Any) -> str:
-    """Folder component of the data a run really uses (``tasks.config``: ``data_name``)."""
-    from tasks.config import task_config
+    """Folder component of the data a run really uses (``ngbench.tasks.config``: ``data_name``)."""
+    from ngbench.tasks.config import task_config
 
     node = OmegaConf.to_container(task, resolve=True) if OmegaConf.is_config(task) else task
     try:
@@ -59,7 +59,7 @@ schema.register_optimizer_schemas()  # once optimizers.registry.config_class exi
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from tasks import DataNotFoundError
+    from ngbench.tasks import DataNotFoundError
 
     from . import config_check
 

@@ -33,8 +33,8 @@ def _worker(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from optimizers.kfac import KFAC
-    from runners.bench import SmallCNN
+    from ngbench.optimizers.kfac import KFAC
+    from ngbench.runners.bench import SmallCNN
 
     torch.set_num_threads(args.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -35,7 +35,7 @@ def _slug(workload: str) -> str:
 def run_one(workload: str, optimizers: str, args: argparse.Namespace, out: Path) -> float:
     kind, _, name = workload.partition(":")
     flag = "--model" if kind == "model" else "--task"
-    cmd = [sys.executable, "-m", "runners.cli", "bench", flag, name, "--optimizers", optimizers,
+    cmd = [sys.executable, "-m", "ngbench.runners.cli", "bench", flag, name, "--optimizers", optimizers,
            "--repeat", str(args.repeat), "--threads", str(args.threads),
            "--json", str(out / f"{_slug(workload)}.json"), "--quiet"]
     if args.steps:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.table_only:
         if a.optimizers is None:
             sys.path.insert(0, str(ROOT))
-            from optimizers import list_optimizers
+            from ngbench.optimizers import list_optimizers
 
             a.optimizers = ",".join([*list_optimizers(), *VARIANTS])
         for w in a.workloads.split(","):

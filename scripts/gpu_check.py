@@ -42,8 +42,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from optimizers import build_optimizer, get_spec, list_optimizers  # noqa: E402
-from runners import bench  # noqa: E402
+from ngbench.optimizers import build_optimizer, get_spec, list_optimizers  # noqa: E402
+from ngbench.runners import bench  # noqa: E402
 
 TASKS = ["autoencoder", "resnet", "transformer", "schnet", "recommender",
          "recommender:model=dlrm"]
@@ -134,7 +134,7 @@ def smoke_task(task: str, names: list[str], device: torch.device, autocast: str 
 
 
 def _dry_resnet() -> torch.nn.Module:
-    from tasks.resnet import build_resnet
+    from ngbench.tasks.resnet import build_resnet
 
     return build_resnet("resnet20", num_classes=10)
 
@@ -169,7 +169,7 @@ def loop_run(task: str, device: str, runs: Path, budget: Budget, timeout: float)
         row["status"] = "skipped (time budget)"
         return row
     name, over = bench.parse_variant(task)
-    cmd = [sys.executable, "-m", "runners.cli", "train", f"task={name}", "optimizer=kfac",
+    cmd = [sys.executable, "-m", "ngbench.runners.cli", "train", f"task={name}", "optimizer=kfac",
            "debug=smoke", f"train.device={device}", f"runs_root={runs}",
            *(f"task.{k}={v}" for k, v in over.items())]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

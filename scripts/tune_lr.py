@@ -23,7 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runners import records  # noqa: E402
+from ngbench.runners import records  # noqa: E402
 
 
 def current_lr(task: str, opt: str) -> float:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "runners.cli",
+            "ngbench.runners.cli",
             "train",
             "-m",
             "sweep=lr_grid",

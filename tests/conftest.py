@@ -41,7 +41,7 @@ def ngbench(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         *args: str, timeout: float = 600, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "runners.cli", *args],
+            [sys.executable, "-m", "ngbench.runners.cli", *args],
             cwd=cwd or tmp_path,
             env=_env(),
             capture_output=True,

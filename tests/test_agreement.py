@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimizers.kfac import KFAC
-from optimizers.shampoo import Shampoo
+from ngbench.optimizers.kfac import KFAC
+from ngbench.optimizers.shampoo import Shampoo
 
 DT = torch.float64
 TOL = 1e-10  # relative, per parameter and step; measured differences are ~1e-14

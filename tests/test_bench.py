@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from runners import bench, cli, costmodel
+from ngbench.runners import bench, cli, costmodel
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_cost_model_shapes_reduce_and_memory_floor():
 def test_kfac_memory_floor_is_a_tight_lower_bound():
     """After a refresh K-FAC holds A, G, their eigenbases and the scale matrix (+ momentum):
     the floor must not exceed what is held, and what is held stays within 2 % of it."""
-    from optimizers import build_optimizer
+    from ngbench.optimizers import build_optimizer
 
     model = bench.SmallCNN()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))

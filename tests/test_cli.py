@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runners.records import read_metrics
-from tasks.config import TASK_CONFIGS, TaskConfigError, task_config
+from ngbench.runners.records import read_metrics
+from ngbench.tasks.config import TASK_CONFIGS, TaskConfigError, task_config
 
 RECORD_KEYS = {
     "task",

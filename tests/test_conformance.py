@@ -21,9 +21,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-import optimizers
-from optimizers import Instrumented, OptimizerConfigError, build_optimizer, config_class
-from optimizers._config import field_kinds, option_fields
+from ngbench import optimizers
+from ngbench.optimizers import Instrumented, OptimizerConfigError, build_optimizer, config_class
+from ngbench.optimizers._config import field_kinds, option_fields
 
 OPTS = optimizers.list_optimizers()
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "optimizer"
@@ -155,7 +155,7 @@ def test_capabilities(name):
 
 
 def test_list_optimizers_verbose_shows_every_key_with_default_and_doc(capsys):
-    from runners.cli import cmd_list
+    from ngbench.runners.cli import cmd_list
 
     assert cmd_list(["optimizers", "-v"]) == 0
     out = capsys.readouterr().out

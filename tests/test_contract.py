@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import optimizers
-import tasks
-from runners.config_check import check_config
-from runners.loop import seed_everything, train_step
+from ngbench import optimizers
+from ngbench import tasks
+from ngbench.runners.config_check import check_config
+from ngbench.runners.loop import seed_everything, train_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TASKS = tasks.list_tasks()

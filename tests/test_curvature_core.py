@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from _reference import per_example_grads
 from torch import nn
 
-from optimizers._kronecker import KroneckerBlock
-from optimizers._layers import Conv2dHelper, EmbeddingHelper, LinearHelper, make_helper
-from optimizers._linalg import safe_eigh
-from optimizers.base import CurvatureBlock, CurvatureOptimizer
-from optimizers.kfac import KFAC
+from ngbench.optimizers._kronecker import KroneckerBlock
+from ngbench.optimizers._layers import Conv2dHelper, EmbeddingHelper, LinearHelper, make_helper
+from ngbench.optimizers._linalg import safe_eigh
+from ngbench.optimizers.base import CurvatureBlock, CurvatureOptimizer
+from ngbench.optimizers.kfac import KFAC
 
 DT = torch.float64
 
@@ -308,7 +308,7 @@ def test_sampled_backward_preserves_accumulated_grads():
 # ----------------------------------------------------------------------------- layer selection
 def test_norm_layers_get_plain_sgd_and_are_logged(caplog):
     net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(DT)
-    with caplog.at_level(logging.INFO, logger="optimizers.base"):
+    with caplog.at_level(logging.INFO, logger="ngbench.optimizers.base"):
         opt = kfac(net, lr=0.5)
     assert set(opt.blocks) == {"0", "2"}
     assert any("LayerNorm" in r.getMessage() for r in caplog.records)
@@ -461,7 +461,7 @@ def test_extension_api_example():
 
 
 def test_blocked_gram_matches_dense_product():
-    from optimizers._kronecker import _gram
+    from ngbench.optimizers._kronecker import _gram
 
     xt = torch.randn(301, 50, dtype=DT)
     torch.testing.assert_close(_gram(xt), xt @ xt.T)
@@ -472,7 +472,7 @@ def test_blocked_gram_matches_dense_product():
 def test_autocast_bfloat16_keeps_float32_factor_math(name):
     """Under ``torch.autocast`` the hooks see bfloat16 activations and gradients; factors,
     decompositions and scalings stay float32, and the steps track a float32 run's."""
-    from optimizers import build_optimizer
+    from ngbench.optimizers import build_optimizer
 
     x = torch.randn(16, 3, 8, 8)
     y = torch.randint(0, 4, (16,))

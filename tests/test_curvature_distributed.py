@@ -11,8 +11,8 @@ import torch
 from _helpers import run_gloo
 from torch import nn
 
-from optimizers._distributed import assign_work, check_fraction
-from optimizers.kfac import KFAC
+from ngbench.optimizers._distributed import assign_work, check_fraction
+from ngbench.optimizers.kfac import KFAC
 
 DT = torch.float64
 STEPS = 6

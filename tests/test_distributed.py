@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from _helpers import free_port
 
-import optimizers
-from runners.records import read_json, read_metrics
+from ngbench import optimizers
+from ngbench.runners.records import read_json, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def _run(tmp_path: Path, nproc: int, opt: str, root: str, *extra: str) -> Path:
         *extra,
     ]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "runners.train", *args]
+        cmd = [sys.executable, "-m", "ngbench.runners.train", *args]
     else:
         cmd = [
             sys.executable,
@@ -46,7 +46,7 @@ def _run(tmp_path: Path, nproc: int, opt: str, root: str, *extra: str) -> Path:
             f"--nproc_per_node={nproc}",
             f"--master_port={free_port()}",
             "-m",
-            "runners.train",
+            "ngbench.runners.train",
             *args,
         ]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

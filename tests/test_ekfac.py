@@ -13,11 +13,11 @@ from _reference import dense_ef, per_example_matrices
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from optimizers import build_optimizer
-from optimizers._eigencorrect import projected_second_moment
-from optimizers._layers import make_helper
-from optimizers.ekfac import EKFAC
-from optimizers.kfac import KFAC
+from ngbench.optimizers import build_optimizer
+from ngbench.optimizers._eigencorrect import projected_second_moment
+from ngbench.optimizers._layers import make_helper
+from ngbench.optimizers.ekfac import EKFAC
+from ngbench.optimizers.kfac import KFAC
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,8 @@ def kfe(block) -> torch.Tensor:
 @pytest.mark.parametrize("make", [mlp, conv_net])
 def test_exact_scalings_equal_diag_of_projected_dense_ef(monkeypatch, make, chunked):
     if chunked:  # statistics one example at a time (uneven chunks are the default's case)
-        from optimizers._kronecker import KroneckerBlock  # EKFAC's factor structure
-        from optimizers._layers import Conv2dHelper
+        from ngbench.optimizers._kronecker import KroneckerBlock  # EKFAC's factor structure
+        from ngbench.optimizers._layers import Conv2dHelper
 
         monkeypatch.setattr(KroneckerBlock, "ROW_CHUNK_ELEMENTS", 1)
         monkeypatch.setattr(Conv2dHelper, "GRAM_CHUNK_ELEMENTS", 1)
@@ -314,8 +314,8 @@ DDP_KW = dict(lr=0.05, stat_every=2, inv_every=4, stat_decay=0.9, kl_clip=1e-2)
 
 
 def _ddp_classes():
-    from optimizers.tekfac import TEKFAC
-    from optimizers.tkfac import TKFAC
+    from ngbench.optimizers.tekfac import TEKFAC
+    from ngbench.optimizers.tkfac import TKFAC
 
     return {"ekfac": EKFAC, "tkfac": TKFAC, "tekfac": TEKFAC}
 
@@ -409,7 +409,7 @@ def test_bfloat16_row_projections_stay_close_to_float64_and_sum_in_float32():
 
 
 def test_projection_dtype_auto_follows_factor_dtype_and_hardware(monkeypatch):
-    import optimizers._eigencorrect as ec
+    import ngbench.optimizers._eigencorrect as ec
 
     cpu = torch.device("cpu")
     for choice, want in (("float32", torch.float32), ("float64", torch.float64),

@@ -8,9 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import optimizers
-from runners import loop
-from runners.config_check import check_config
+from ngbench import optimizers
+from ngbench.runners import loop
+from ngbench.runners.config_check import check_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))

@@ -23,9 +23,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import optimizers
-from runners.loop import seed_everything, train_step
-from tasks import build_task
+from ngbench import optimizers
+from ngbench.runners.loop import seed_everything, train_step
+from ngbench.tasks import build_task
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -11,8 +11,8 @@ from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from optimizers._kronecker import KroneckerBlock
-from optimizers.kfac import KFAC
+from ngbench.optimizers._kronecker import KroneckerBlock
+from ngbench.optimizers.kfac import KFAC
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_ef_factors_single_example_equal_ef_block_and_g_scaling():
 
 # --------------------------------------------------------------------------- §1.9.4
 def _random_block(layer_module, form, *, T=1.0, pi=True):
-    from optimizers._layers import make_helper
+    from ngbench.optimizers._layers import make_helper
 
     h = make_helper("x", layer_module)
     blk = KroneckerBlock(h, damping_form=form, pi_correction=pi)

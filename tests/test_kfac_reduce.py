@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from optimizers import build_optimizer
-from optimizers.kfac import KFAC
+from ngbench.optimizers import build_optimizer
+from ngbench.optimizers.kfac import KFAC
 
 DT = torch.float64
 LAM = 0.1
@@ -176,7 +176,7 @@ def test_reduce_trains_and_rejects_a_bad_value():
 )
 def test_conv_reduced_rows_equal_mean_patch(kw):
     """The separable patch sums (zero padding clipped, not copied) equal unfold's mean patch."""
-    from optimizers._layers import Conv2dHelper
+    from ngbench.optimizers._layers import Conv2dHelper
 
     conv = nn.Conv2d(3, 4, **{"kernel_size": 3, **kw}).to(DT)
     x = torch.randn(2, 3, 7, 6, dtype=DT)

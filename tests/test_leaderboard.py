@@ -17,10 +17,10 @@ import pytest
 import yaml
 from torch import nn
 
-from optimizers import build_optimizer, list_optimizers
-from runners import leaderboard as lb
-from runners import leaderboard_report as lbr
-from runners import search_space
+from ngbench.optimizers import build_optimizer, list_optimizers
+from ngbench.runners import leaderboard as lb
+from ngbench.runners import leaderboard_report as lbr
+from ngbench.runners import search_space
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ def test_batch_size_can_be_searched_or_fixed_as_an_outer_loop():
 def test_list_optimizers_search_space_shows_every_space():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [sys.executable, "-m", "runners.cli", "list", "optimizers", "--search-space"],
+        [sys.executable, "-m", "ngbench.runners.cli", "list", "optimizers", "--search-space"],
         cwd=REPO, env=env, capture_output=True, text=True, check=True,
     ).stdout
     for name in list_optimizers():
@@ -132,7 +132,7 @@ def test_smoke_leaderboard_end_to_end_and_resume(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["--smoke", "--runs-root", str(runs), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "runners.leaderboard", *args]
+    cmd = [sys.executable, "-m", "ngbench.runners.leaderboard", *args]
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     targets = yaml.safe_load((out / "targets.yaml").read_text())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from runners import loop, records
+from ngbench.runners import loop, records
 
 
 def _cfg(compose, *overrides):
@@ -135,8 +135,8 @@ def test_sigterm_checkpoints_and_marks_preempted(compose, tmp_path, monkeypatch)
 
 
 def test_every_parameter_in_exactly_one_group():
-    from optimizers.param_groups import assert_partition, split_decay_groups
-    from tasks.autoencoder import Autoencoder
+    from ngbench.optimizers.param_groups import assert_partition, split_decay_groups
+    from ngbench.tasks.autoencoder import Autoencoder
 
     model = torch.nn.Sequential(Autoencoder([20, 8, 4]), torch.nn.LayerNorm(20))
     groups = split_decay_groups(model, 0.1)

@@ -12,8 +12,8 @@ from _helpers import checkpoint_round_trip, train_ce
 from _reference import per_example_matrices
 from torch import nn
 
-from optimizers import build_optimizer
-from optimizers.mbf import MBF, batched_spd_inverse, parse_linear_block
+from ngbench.optimizers import build_optimizer
+from ngbench.optimizers.mbf import MBF, batched_spd_inverse, parse_linear_block
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

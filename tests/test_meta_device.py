@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from optimizers import build_optimizer, get_spec, list_optimizers
+from ngbench.optimizers import build_optimizer, get_spec, list_optimizers
 
 #: schedule options set to 1 so that one step runs every phase
 EVERY_STEP = ("stat_every", "inv_every", "precondition_frequency", "scale_every")
@@ -155,7 +155,7 @@ def test_one_step_under_cpu_bf16_autocast(name):
 
 
 def test_batch_transfer_non_blocking_on_cpu():
-    from tasks.base import Task
+    from ngbench.tasks.base import Task
 
     batch = {"x": torch.randn(2, 3), "pair": (torch.ones(2), [torch.zeros(1)]), "n": 3}
     moved = Task.to_device(Task.__new__(Task), batch, torch.device("cpu"))

@@ -12,7 +12,7 @@ from _helpers import checkpoint_round_trip, train_ce
 from _reference import per_example_matrices
 from torch import nn
 
-from optimizers.ngplus import NGPlus, _embedding_gram, _per_example_gram
+from ngbench.optimizers.ngplus import NGPlus, _embedding_gram, _per_example_gram
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from runners import records, report, results
-from runners.wandb_reader import find_run_file, read_history
+from ngbench.runners import records, report, results
+from ngbench.runners.wandb_reader import find_run_file, read_history
 
 
 def _fake_run(
@@ -488,7 +488,7 @@ def test_report_help_imports_neither_torch_nor_pandas():
     import sys
 
     code = (
-        "import sys, runners.report as r\n"
+        "import sys, ngbench.runners.report as r\n"
         "try:\n    r.main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = {'torch', 'pandas', 'matplotlib'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"

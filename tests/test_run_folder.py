@@ -21,13 +21,13 @@ import pytest
 import torch
 from conftest import _env
 
-from runners.lock import Holder, RunLock, RunLocked
-from runners.records import read_json, read_metrics
+from ngbench.runners.lock import Holder, RunLock, RunLocked
+from ngbench.runners.records import read_json, read_metrics
 
 
 def _launch(cwd: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "runners.cli", *args],
+        [sys.executable, "-m", "ngbench.runners.cli", *args],
         cwd=cwd,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -214,7 +214,7 @@ def test_a_requeued_slurm_job_waits_for_its_previous_incarnation(tmp_path):
 
 
 def test_atomic_writes_follow_the_umask(tmp_path):
-    from runners.records import atomic_write_text, write_metrics
+    from ngbench.runners.records import atomic_write_text, write_metrics
 
     for mask, mode in ((0o022, 0o644), (0o077, 0o600)):
         with _umask(mask):
@@ -224,7 +224,7 @@ def test_atomic_writes_follow_the_umask(tmp_path):
 
 
 def test_live_holder_tells_a_live_run_from_a_dead_one(tmp_path):
-    from runners.lock import live_holder
+    from ngbench.runners.lock import live_holder
 
     assert live_holder(tmp_path) is None
     lock = RunLock(tmp_path, slurm_job="5")

@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from optimizers import OptimizerConfigError, build_optimizer, get_spec
-from optimizers.shampoo import Shampoo, _precondition, matrix_inverse_root, merge_dims
+from ngbench.optimizers import OptimizerConfigError, build_optimizer, get_spec
+from ngbench.optimizers.shampoo import Shampoo, _precondition, matrix_inverse_root, merge_dims
 
 DT = torch.float64
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "optimizer" / "shampoo.yaml"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runners.records import read_metrics
+from ngbench.runners.records import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def _launch(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-m",
-            "runners.cli",
+            "ngbench.runners.cli",
             "train",
             "-m",
             "hydra/launcher=slurm",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from _helpers import checkpoint_round_trip, train_ce
 from torch import nn
 
-from optimizers.sngd import SNGD, denman_beavers
+from ngbench.optimizers.sngd import SNGD, denman_beavers
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

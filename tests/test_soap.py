@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-import optimizers.soap as soap_mod
-from optimizers.soap import SOAP, merge_dims_front
+import ngbench.optimizers.soap as soap_mod
+from ngbench.optimizers.soap import SOAP, merge_dims_front
 
 DT = torch.float64
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "optimizer" / "soap.yaml"

@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import DataNotFoundError, TaskConfigError, _criteo, _movielens, build_task
-from tasks.config import task_config
-from tasks.recommender import DLRM, NeuMF, RecommenderTask
+from ngbench.tasks import DataNotFoundError, TaskConfigError, _criteo, _movielens, build_task
+from ngbench.tasks.config import task_config
+from ngbench.tasks.recommender import DLRM, NeuMF, RecommenderTask
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("NGBENCH_DATA", REPO / "data"))
@@ -154,7 +154,7 @@ def test_neumf_matches_its_formula() -> None:
 
 
 def test_ncf_pipeline_on_synthetic_udata_learns_the_groups(synthetic_root) -> None:
-    from optimizers import build_optimizer
+    from ngbench.optimizers import build_optimizer
 
     root, _ = synthetic_root
     task = build_task({"name": "recommender", "flavor": "tiny", "model": "ncf",
@@ -315,7 +315,7 @@ def test_dlrm_matches_its_formula() -> None:
 
 
 def test_dlrm_full_flavor_reads_criteo_and_trains_one_step(tmp_path: Path) -> None:
-    from optimizers import build_optimizer
+    from ngbench.optimizers import build_optimizer
 
     write_synthetic_criteo(tmp_path / "criteo" / "train.txt", n=1400)
     task = build_task({"name": "recommender", "flavor": "full", "model": "dlrm",

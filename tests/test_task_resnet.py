@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-import optimizers
-from tasks import DataNotFoundError, TaskConfigError, build_task
-from tasks.resnet import PadShortcut, build_resnet
+from ngbench import optimizers
+from ngbench.tasks import DataNotFoundError, TaskConfigError, build_task
+from ngbench.tasks.resnet import PadShortcut, build_resnet
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import DataNotFoundError, TaskConfigError, build_task
-from tasks.config import task_config
-from tasks.schnet import SchNetTask, split_dense_activations
+from ngbench.tasks import DataNotFoundError, TaskConfigError, build_task
+from ngbench.tasks.config import task_config
+from ngbench.tasks.schnet import SchNetTask, split_dense_activations
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("NGBENCH_DATA", REPO / "data"))
@@ -42,7 +42,7 @@ def test_emt_dataset_is_schnetpack_format_with_emt_energies(tiny: SchNetTask) ->
     from ase.calculators.emt import EMT
     from schnetpack.data import ASEAtomsData
 
-    from tasks._molecules import EMT_ELEMENTS, emt_path
+    from ngbench.tasks._molecules import EMT_ELEMENTS, emt_path
 
     data = ASEAtomsData(str(emt_path(DATA_ROOT)), load_properties=["energy", "forces"])
     assert data.units == {"energy": "eV", "forces": "eV/Ang"}
@@ -62,7 +62,7 @@ def test_offsets_are_atomrefs_plus_mean_per_atom(tiny: SchNetTask) -> None:
     """target (after RemoveOffsets) + Σ atomref[Z] + mean·n_atoms = the stored energy."""
     from schnetpack.data import ASEAtomsData
 
-    from tasks._molecules import emt_path
+    from ngbench.tasks._molecules import emt_path
 
     data = ASEAtomsData(str(emt_path(DATA_ROOT)), load_properties=["energy"])
     atomref = data.atomrefs["energy"].double()
@@ -158,7 +158,7 @@ def test_sampled_loss_is_unit_gaussian_likelihood(tiny: SchNetTask) -> None:
 
 
 def test_tiny_training_beats_the_mean_predictor(tiny: SchNetTask) -> None:
-    from optimizers import build_optimizer
+    from ngbench.optimizers import build_optimizer
 
     torch.manual_seed(0)
     model = tiny.build_model()

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import optimizers
-from tasks import DataNotFoundError, TaskConfigError, build_task
-from tasks import _text_data as td
-from tasks.transformer import Attention, Transformer, sinusoidal_table
+from ngbench import optimizers
+from ngbench.tasks import DataNotFoundError, TaskConfigError, build_task
+from ngbench.tasks import _text_data as td
+from ngbench.tasks.transformer import Attention, Transformer, sinusoidal_table
 
 TINY_ARCH = {"layers": 2, "d_model": 64, "ffn_dim": 256, "heads": 4, "dropout": 0.0}
 

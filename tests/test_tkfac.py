@@ -14,9 +14,9 @@ from _reference import dense_ef, per_example_matrices
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from optimizers._layers import make_helper
-from optimizers.tekfac import TEKFAC
-from optimizers.tkfac import TKFAC, TKFACBlock
+from ngbench.optimizers._layers import make_helper
+from ngbench.optimizers.tekfac import TEKFAC
+from ngbench.optimizers.tkfac import TKFAC, TKFACBlock
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
