@@ -74,7 +74,8 @@ class ScalingWorkload:
     def step_s(self, optimizer: str, batch: int) -> float:
         """Prior of one step's wall time (s) for ``plan``."""
         over = self.step_ms["overhead"]
-        return (over.get(optimizer, over["default"]) + self.step_ms["per_example"] * batch) / 1e3
+        ms = over.get(optimizer, over["default"]) + self.step_ms["per_example"] * batch
+        return float(ms) / 1e3
 
 
 KEYS = ("leaderboard", "batch_sizes", "ref_batch", "ref_steps", "examples", "min_steps",
@@ -138,8 +139,12 @@ class Study:
 
     def settings(self, batch: int) -> lb.Settings:
         t = self.target
+        # the dearest optimizers first: their processes start first, so the two job slots
+        # finish together (longest-first scheduling of the leaderboard's process pool)
+        opts = sorted(self.base.optimizers, key=lambda o: -self.sw.step_s(o, batch))
         return replace(
             self.base,
+            optimizers=opts,
             batch_size=batch,
             steps=self.steps(batch),
             eval_every=self.eval_every(batch),
@@ -150,7 +155,14 @@ class Study:
         )
 
     def drivers(self) -> list[tuple[int, lb.Driver]]:
-        return [(b, lb.Driver(self.settings(b), log=print)) for b in self.sw.batch_sizes]
+        """One leaderboard driver per batch size, ranking trials against the study's target
+        (``<out>/target.yaml`` records it; the ranking does not read it back)."""
+        out = []
+        for b in self.sw.batch_sizes:
+            d = lb.Driver(self.settings(b), log=print)
+            d.target = lambda _workload: self.target  # type: ignore[method-assign]
+            out.append((b, d))
+        return out
 
 
 # -- the phases ------------------------------------------------------------------------
@@ -257,9 +269,15 @@ def manifest(st: Study) -> dict[str, Any]:
 
 # -- target and optimizers -------------------------------------------------------------------
 def resolve_target(arg: str | None, lb_name: str, targets_file: Path,
-                   workload: lb.Workload) -> tuple[lb.Target, str]:
+                   workload: lb.Workload, *, required: bool = True) -> tuple[lb.Target, str]:
+    """The study's target: ``arg`` (a number, or ``task``), else the leaderboard's calibrated
+    one; without either, the task's own when not ``required`` (``plan``), else an error."""
     if arg is None:
         t = lb.read_targets(targets_file).get(lb_name)
+        if not t and not required:
+            print(f"note: no calibrated target for {lb_name!r} yet; planning with the task's "
+                  "own (the run count and budgets do not depend on it)")
+            return task_target(workload), "the task's own target (plan only)"
         if not t:
             raise SystemExit(
                 f"scaling: error: no calibrated target for {lb_name!r} in {targets_file}; run "
@@ -273,8 +291,8 @@ def resolve_target(arg: str | None, lb_name: str, targets_file: Path,
     except ValueError:
         raise SystemExit(
             f"scaling: error: --target must be a number or 'task', got {arg!r}") from None
-    t = task_target(workload)
-    return lb.Target(t.metric, value, t.mode), "--target"
+    tt = task_target(workload)
+    return lb.Target(tt.metric, value, tt.mode), "--target"
 
 
 def task_target(workload: lb.Workload) -> lb.Target:
@@ -369,8 +387,16 @@ def parse(argv: list[str] | None = None) -> tuple[list[str], Study]:
     runs_root = (a.runs_root or REPO / "runs" / "scaling" / a.workload).resolve()
     out = (a.out or REPO / "results" / "scaling" / a.workload).resolve()
     smoke_target = sm["target"].get(a.workload, "task") if sm else None
+    everything = not a.phases or "all" in a.phases
+    phases = list(PHASES) if everything else [p for p in (*PHASES, "plan") if p in a.phases]
     target, source = resolve_target(a.target or smoke_target, sw.leaderboard,
-                                    lb.TARGETS_FILE, lbw[sw.leaderboard])
+                                    lb.TARGETS_FILE, lbw[sw.leaderboard],
+                                    required=phases != ["plan"])
+    target_file = out / "target.yaml"
+    old = lb.read_targets(target_file).get(sw.leaderboard)
+    if old and float(old["value"]) != target.value and phases != ["plan"]:
+        print(f"note: the target changed from {old['value']} ({old.get('from')}) to "
+              f"{target.value:.6g} ({source}): runs made for the old target are not reused")
     base = lb.Settings(
         workloads={sw.leaderboard: lbw[sw.leaderboard]},
         optimizers=opts,
@@ -380,17 +406,15 @@ def parse(argv: list[str] | None = None) -> tuple[list[str], Study]:
         qmc_seed=a.qmc_seed,
         runs_root=runs_root,
         out=out,
-        targets_file=out / "target.yaml",
+        targets_file=target_file,
         command="python -m runners.scaling " + " ".join(argv if argv is not None
                                                         else sys.argv[1:]),
     )
-    # the leaderboard's Driver reads the target of its rerun ranking from this file
-    lb.write_targets(base.targets_file, {sw.leaderboard: {
-        "metric": target.metric, "value": target.value, "mode": target.mode, "from": source}},
-        base.command)
+    if phases != ["plan"]:
+        lb.write_targets(target_file, {sw.leaderboard: {
+            "metric": target.metric, "value": target.value, "mode": target.mode,
+            "from": source}}, base.command)
     st = Study(base, sw, load_rules(), target, smoke_steps=a.steps or sm.get("steps"))
-    everything = not a.phases or "all" in a.phases
-    phases = list(PHASES) if everything else [p for p in (*PHASES, "plan") if p in a.phases]
     return phases, st
 
 
