@@ -177,3 +177,18 @@ def test_smoke_scaling_end_to_end_and_resume(tmp_path):
     plan = subprocess.run([*cmd, "plan"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert "total: 0 runs in 0 processes" in plan.stdout, plan.stdout + plan.stderr
+
+
+def test_target_comes_from_the_leaderboard_or_the_command_line(tmp_path):
+    w = lb.load_workloads()["autoencoder"]
+    missing = tmp_path / "targets.yaml"
+    with pytest.raises(SystemExit, match=r"no calibrated target for 'autoencoder'.*--target"):
+        sc.resolve_target(None, "autoencoder", missing, w)
+    t, src = sc.resolve_target(None, "autoencoder", missing, w, required=False)  # plan only
+    assert (t.metric, t.mode) == ("full_train_loss", "min") and "plan only" in src
+    lb.write_targets(missing, {"autoencoder": {"metric": "full_train_loss", "value": 61.5,
+                                               "mode": "min"}}, "test")
+    assert sc.resolve_target(None, "autoencoder", missing, w)[0].value == 61.5
+    assert sc.resolve_target("70", "autoencoder", missing, w)[0].value == 70.0
+    with pytest.raises(SystemExit, match="--target must be a number or 'task'"):
+        sc.resolve_target("low", "autoencoder", missing, w)
