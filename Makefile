@@ -24,14 +24,19 @@ RESULTS_OUT  ?= results/autoencoder_mnist_tiny
 # the fair comparison (issue 16): declared search spaces, 8 Sobol trials per optimizer per
 # workload, calibrated targets, reruns over 3 seeds, a no-tuning track; resumable
 LEADERBOARD_ARGS ?=
+# the batch-size scaling study (issue 17): the leaderboard's tuning at every batch size of
+# configs/scaling/workloads.yaml, one workload per call (about 1.5 h each with 2 jobs)
+SCALING_WORKLOAD ?= autoencoder
+SCALING_ARGS ?=
 
-.PHONY: data setup demo test test-fast lint bench results leaderboard clean help
+.PHONY: data setup demo test test-fast lint bench results leaderboard scaling clean help
 
 help:
 	@echo "make setup   create .venv (Python 3.12) and install ngbench with its dev and peers extras"
 	@echo "make demo    MNIST autoencoder, every optimizer x 3 seeds, table + plots in results/demo"
 	@echo "make results the committed comparison (800 steps, tuned) in results/autoencoder_mnist_tiny"
 	@echo "make leaderboard  the fair comparison on six tiny workloads (hours; resumable)"
+	@echo "make scaling SCALING_WORKLOAD=autoencoder|resnet  batch-size scaling study (resumable)"
 	@echo "make test    the test suite (what CI runs)"
 	@echo "make lint    ruff; mypy (strict on optimizers/)"
 	@echo "make bench   step-overhead benchmark on the small CNN"
@@ -65,6 +70,9 @@ results: setup
 
 leaderboard: setup
 	$(BIN)/python -m ngbench.runners.leaderboard --jobs $(JOBS) $(LEADERBOARD_ARGS)
+
+scaling: setup
+	$(BIN)/python -m runners.scaling --workload $(SCALING_WORKLOAD) --jobs $(JOBS) $(SCALING_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q --timeout=900

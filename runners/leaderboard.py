@@ -135,6 +135,8 @@ class Settings:
     qmc_seed: int = 0
     search_batch_size: bool = False
     batch_size: int | None = None  # fixes train.batch_size in every run (a batch-size study)
+    # per optimizer, a factor on sampled knob values (a batch-size study shifts the lr range)
+    knob_scale: dict[str, dict[str, float]] = field(default_factory=dict)
     steps: int | None = None  # overrides every workload's budget (smoke)
     eval_every: int | None = None
     extra: tuple[str, ...] = ()  # extra overrides of every run (smoke: a small batch)
@@ -184,7 +186,10 @@ def trial_points(s: Settings, w: Workload, optimizer: str) -> list[dict[str, Any
     if s.search_batch_size:
         dim = search_space.Dim("batch_size", "choice", w.batch_sizes)
         ss = search_space.SearchSpace(ss.optimizer, (*ss.dims, dim), ss.fixed, ss.path)
-    return ss.sample(s.trials, seed=s.qmc_seed)
+    points = ss.sample(s.trials, seed=s.qmc_seed)
+    scale = s.knob_scale.get(optimizer, {})
+    return [{k: float(f"{v * scale[k]:.3g}") if k in scale else v for k, v in p.items()}
+            for p in points]
 
 
 LIVE: set[subprocess.Popen] = set()  # running `ngbench train` processes (stopped on SIGTERM)
