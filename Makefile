@@ -72,7 +72,7 @@ leaderboard: setup
 	$(BIN)/python -m ngbench.runners.leaderboard --jobs $(JOBS) $(LEADERBOARD_ARGS)
 
 scaling: setup
-	$(BIN)/python -m runners.scaling --workload $(SCALING_WORKLOAD) --jobs $(JOBS) $(SCALING_ARGS)
+	$(BIN)/python -m ngbench.runners.scaling --workload $(SCALING_WORKLOAD) --jobs $(JOBS) $(SCALING_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q --timeout=900

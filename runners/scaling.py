@@ -281,7 +281,7 @@ def resolve_target(arg: str | None, lb_name: str, targets_file: Path,
         if not t:
             raise SystemExit(
                 f"scaling: error: no calibrated target for {lb_name!r} in {targets_file}; run "
-                f"`python -m runners.leaderboard tune calibrate --workloads {lb_name} "
+                f"`python -m ngbench.runners.leaderboard tune calibrate --workloads {lb_name} "
                 f"--optimizers sgd,adamw` first, or pass --target VALUE (or --target task)")
         return lb.Target(t["metric"], float(t["value"]), t["mode"]), f"{targets_file}"
     if arg == "task":
@@ -327,7 +327,7 @@ SMOKE: dict[str, Any] = {"optimizers": "adamw,kfac", "trials": 2, "seeds": 2, "s
 
 def parse(argv: list[str] | None = None) -> tuple[list[str], Study]:
     ap = argparse.ArgumentParser(
-        prog="python -m runners.scaling",
+        prog="python -m ngbench.runners.scaling",
         description="Batch-size scaling study: at every batch size, tune every optimizer with "
         "the leaderboard's search space (step-length knobs shifted by a declared scaling rule) "
         "and trial budget, rerun the best trial over seeds, and report steps/time to target vs "
@@ -370,7 +370,7 @@ def parse(argv: list[str] | None = None) -> tuple[list[str], Study]:
         ap.error(f"{WORKLOADS_FILE}: {a.workload}.leaderboard={sw.leaderboard!r} is not in "
                  f"{lb.WORKLOADS_FILE}")
     sm = SMOKE if a.smoke else {}
-    from optimizers import list_optimizers
+    from ngbench.optimizers import list_optimizers
 
     board = REPO / "results" / "leaderboard" / "tables" / "tuned_leaderboard.csv"
     if a.optimizers or sm:
@@ -407,7 +407,7 @@ def parse(argv: list[str] | None = None) -> tuple[list[str], Study]:
         runs_root=runs_root,
         out=out,
         targets_file=target_file,
-        command="python -m runners.scaling " + " ".join(argv if argv is not None
+        command="python -m ngbench.runners.scaling " + " ".join(argv if argv is not None
                                                         else sys.argv[1:]),
     )
     if phases != ["plan"]:

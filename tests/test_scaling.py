@@ -14,9 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runners import leaderboard as lb
-from runners import scaling as sc
-from runners import scaling_report as sr
+from ngbench.runners import leaderboard as lb
+from ngbench.runners import scaling as sc
+from ngbench.runners import scaling_report as sr
 
 REPO = Path(__file__).resolve().parent.parent
 INF = math.inf
@@ -105,7 +105,7 @@ def test_search_range_follows_the_declared_scaling_rule(tmp_path):
 
 
 def test_every_registered_optimizer_has_a_rule_on_searched_knobs():
-    from optimizers import list_optimizers
+    from ngbench.optimizers import list_optimizers
 
     rules = sc.load_rules()
     for o in list_optimizers():
@@ -148,7 +148,7 @@ def test_summary_and_headline_against_adamw_at_its_own_best_batch():
 def test_smoke_scaling_end_to_end_and_resume(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "runners.scaling", "--smoke", "--runs-root", str(runs),
+    cmd = [sys.executable, "-m", "ngbench.runners.scaling", "--smoke", "--runs-root", str(runs),
            "--out", str(out)]
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
