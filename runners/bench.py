@@ -157,9 +157,8 @@ def task_workload(text: str, batch_size: int | None, seed: int,
                   device: torch.device) -> Workload:
     """The tiny flavor of a task (``name[:key=value...]`` sets ``task.<key>``): its model,
     loss and first training batch of epoch 0 (the train config's batch size by default)."""
-    from omegaconf import OmegaConf
-
     from ngbench.tasks import build_task
+    from omegaconf import OmegaConf
 
     name, overrides = parse_variant(text)
     path = CONFIG_DIR / "task" / f"{name}.yaml"

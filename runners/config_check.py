@@ -16,10 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from ngbench.tasks.config import TaskConfigError, task_config, unknown_key_message
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from ngbench.tasks.config import TaskConfigError, task_config, unknown_key_message
 
 from .schema import ConfigError, LoggerConfig, NgbenchConfig, TrainConfig
 

@@ -33,11 +33,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-
 from ngbench.optimizers import build_optimizer, get_spec
 from ngbench.optimizers.capabilities import Instrumented, SampledFisher, SplitState
 from ngbench.tasks import build_task
+from omegaconf import DictConfig, OmegaConf
 
 from . import distributed, lock, records
 from .checkpoint import Checkpointer

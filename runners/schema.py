@@ -18,9 +18,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING
-
 from ngbench.tasks.config import TASK_CONFIGS
+from omegaconf import MISSING
 
 from .schedules import SCHEDULES as SCHEDULE_NAMES
 
@@ -157,7 +156,6 @@ def register_optimizer_schemas() -> None:
     and defaults) plus the ``name`` key the YAML presets carry (imports torch: called by
     ``ngbench train`` only).  ``configs/optimizer/*.yaml`` extend it with their differences."""
     from hydra.core.config_store import ConfigStore
-
     from ngbench.optimizers import OPTIMIZERS
 
     cs = ConfigStore.instance()

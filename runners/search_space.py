@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from ngbench.optimizers import get_spec, list_optimizers
 from ngbench.optimizers.registry import validate_hparams
 

@@ -31,10 +31,9 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel
-
     from ngbench.optimizers.kfac import KFAC
     from ngbench.runners.bench import SmallCNN
+    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(args.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -35,7 +35,8 @@ def _slug(workload: str) -> str:
 def run_one(workload: str, optimizers: str, args: argparse.Namespace, out: Path) -> float:
     kind, _, name = workload.partition(":")
     flag = "--model" if kind == "model" else "--task"
-    cmd = [sys.executable, "-m", "ngbench.runners.cli", "bench", flag, name, "--optimizers", optimizers,
+    cmd = [sys.executable, "-m", "ngbench.runners.cli", "bench", flag, name,
+           "--optimizers", optimizers,
            "--repeat", str(args.repeat), "--threads", str(args.threads),
            "--json", str(out / f"{_slug(workload)}.json"), "--quiet"]
     if args.steps:

@@ -41,7 +41,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
 from ngbench.optimizers import build_optimizer, get_spec, list_optimizers  # noqa: E402
 from ngbench.runners import bench  # noqa: E402
 

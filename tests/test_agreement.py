@@ -16,10 +16,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from ngbench.optimizers.kfac import KFAC
 from ngbench.optimizers.shampoo import Shampoo
+from torch import nn
 
 DT = torch.float64
 TOL = 1e-10  # relative, per parameter and step; measured differences are ~1e-14

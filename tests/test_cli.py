@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from ngbench.runners.records import read_metrics
 from ngbench.tasks.config import TASK_CONFIGS, TaskConfigError, task_config
 

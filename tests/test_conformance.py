@@ -19,11 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from torch import nn
-
 from ngbench import optimizers
 from ngbench.optimizers import Instrumented, OptimizerConfigError, build_optimizer, config_class
 from ngbench.optimizers._config import field_kinds, option_fields
+from torch import nn
 
 OPTS = optimizers.list_optimizers()
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "optimizer"

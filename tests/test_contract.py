@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ngbench import optimizers
-from ngbench import tasks
+from ngbench import optimizers, tasks
 from ngbench.runners.config_check import check_config
 from ngbench.runners.loop import seed_everything, train_step
 

@@ -12,13 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _reference import per_example_grads
-from torch import nn
-
 from ngbench.optimizers._kronecker import KroneckerBlock
 from ngbench.optimizers._layers import Conv2dHelper, EmbeddingHelper, LinearHelper, make_helper
 from ngbench.optimizers._linalg import safe_eigh
 from ngbench.optimizers.base import CurvatureBlock, CurvatureOptimizer
 from ngbench.optimizers.kfac import KFAC
+from torch import nn
 
 DT = torch.float64
 

@@ -9,10 +9,9 @@ import warnings
 import pytest
 import torch
 from _helpers import run_gloo
-from torch import nn
-
 from ngbench.optimizers._distributed import assign_work, check_fraction
 from ngbench.optimizers.kfac import KFAC
+from torch import nn
 
 DT = torch.float64
 STEPS = 6

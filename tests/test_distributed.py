@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from _helpers import free_port
-
 from ngbench import optimizers
 from ngbench.runners.records import read_json, read_metrics
 

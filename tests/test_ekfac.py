@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 from _helpers import checkpoint_round_trip, run_gloo, train_ce
 from _reference import dense_ef, per_example_matrices
-from torch import nn
-from torch.func import functional_call, grad, vmap
-
 from ngbench.optimizers import build_optimizer
 from ngbench.optimizers._eigencorrect import projected_second_moment
 from ngbench.optimizers._layers import make_helper
 from ngbench.optimizers.ekfac import EKFAC
 from ngbench.optimizers.kfac import KFAC
+from torch import nn
+from torch.func import functional_call, grad, vmap
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
 from ngbench import optimizers
 from ngbench.runners import loop
 from ngbench.runners.config_check import check_config
+from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))

@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from ngbench import optimizers
 from ngbench.runners.loop import seed_everything, train_step
 from ngbench.tasks import build_task
+from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

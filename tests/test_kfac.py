@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import checkpoint_round_trip, train_ce
-from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
-
 from ngbench.optimizers._kronecker import KroneckerBlock
 from ngbench.optimizers.kfac import KFAC
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call, grad, vmap
-
 from ngbench.optimizers import build_optimizer
 from ngbench.optimizers.kfac import KFAC
+from torch import nn
+from torch.func import functional_call, grad, vmap
 
 DT = torch.float64
 LAM = 0.1

@@ -15,12 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from torch import nn
-
 from ngbench.optimizers import build_optimizer, list_optimizers
 from ngbench.runners import leaderboard as lb
 from ngbench.runners import leaderboard_report as lbr
 from ngbench.runners import search_space
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 

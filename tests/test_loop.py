@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from ngbench.runners import loop, records
+from omegaconf import OmegaConf
 
 
 def _cfg(compose, *overrides):

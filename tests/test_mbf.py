@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from _helpers import checkpoint_round_trip, train_ce
 from _reference import per_example_matrices
-from torch import nn
-
 from ngbench.optimizers import build_optimizer
 from ngbench.optimizers.mbf import MBF, batched_spd_inverse, parse_linear_block
+from torch import nn
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
+from ngbench.optimizers import build_optimizer, get_spec, list_optimizers
 from torch import nn
 from torch.overrides import TorchFunctionMode
-
-from ngbench.optimizers import build_optimizer, get_spec, list_optimizers
 
 #: schedule options set to 1 so that one step runs every phase
 EVERY_STEP = ("stat_every", "inv_every", "precondition_frequency", "scale_every")

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from _helpers import checkpoint_round_trip, train_ce
 from _reference import per_example_matrices
-from torch import nn
-
 from ngbench.optimizers.ngplus import NGPlus, _embedding_gram, _per_example_gram
+from torch import nn
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

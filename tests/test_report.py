@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from ngbench.runners import records, report, results
 from ngbench.runners.wandb_reader import find_run_file, read_history
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import _env
-
 from ngbench.runners.lock import Holder, RunLock, RunLocked
 from ngbench.runners.records import read_json, read_metrics
 

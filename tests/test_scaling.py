@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from ngbench.runners import leaderboard as lb
 from ngbench.runners import scaling as sc
 from ngbench.runners import scaling_report as sr

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from torch import nn
-
 from ngbench.optimizers import OptimizerConfigError, build_optimizer, get_spec
 from ngbench.optimizers.shampoo import Shampoo, _precondition, matrix_inverse_root, merge_dims
+from omegaconf import OmegaConf
+from torch import nn
 
 DT = torch.float64
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "optimizer" / "shampoo.yaml"

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ngbench.runners.records import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent

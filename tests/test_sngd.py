@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import checkpoint_round_trip, train_ce
-from torch import nn
-
 from ngbench.optimizers.sngd import SNGD, denman_beavers
+from torch import nn
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ngbench.optimizers.soap as soap_mod
 import pytest
 import torch
-from torch import nn
-
-import ngbench.optimizers.soap as soap_mod
 from ngbench.optimizers.soap import SOAP, merge_dims_front
+from torch import nn
 
 DT = torch.float64
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "optimizer" / "soap.yaml"

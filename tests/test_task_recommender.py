@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from ngbench.tasks import DataNotFoundError, TaskConfigError, _criteo, _movielens, build_task
 from ngbench.tasks.config import task_config
 from ngbench.tasks.recommender import DLRM, NeuMF, RecommenderTask
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("NGBENCH_DATA", REPO / "data"))

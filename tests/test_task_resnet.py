@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from ngbench import optimizers
 from ngbench.tasks import DataNotFoundError, TaskConfigError, build_task
 from ngbench.tasks.resnet import PadShortcut, build_resnet
+from torch import nn
 
 
 @pytest.fixture(autouse=True, scope="module")

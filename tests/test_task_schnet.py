@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from ngbench.tasks import DataNotFoundError, TaskConfigError, build_task
 from ngbench.tasks.config import task_config
 from ngbench.tasks.schnet import SchNetTask, split_dense_activations
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("NGBENCH_DATA", REPO / "data"))
@@ -40,9 +39,8 @@ def tiny() -> SchNetTask:
 
 def test_emt_dataset_is_schnetpack_format_with_emt_energies(tiny: SchNetTask) -> None:
     from ase.calculators.emt import EMT
-    from schnetpack.data import ASEAtomsData
-
     from ngbench.tasks._molecules import EMT_ELEMENTS, emt_path
+    from schnetpack.data import ASEAtomsData
 
     data = ASEAtomsData(str(emt_path(DATA_ROOT)), load_properties=["energy", "forces"])
     assert data.units == {"energy": "eV", "forces": "eV/Ang"}
@@ -60,9 +58,8 @@ def test_emt_dataset_is_schnetpack_format_with_emt_energies(tiny: SchNetTask) ->
 
 def test_offsets_are_atomrefs_plus_mean_per_atom(tiny: SchNetTask) -> None:
     """target (after RemoveOffsets) + Σ atomref[Z] + mean·n_atoms = the stored energy."""
-    from schnetpack.data import ASEAtomsData
-
     from ngbench.tasks._molecules import emt_path
+    from schnetpack.data import ASEAtomsData
 
     data = ASEAtomsData(str(emt_path(DATA_ROOT)), load_properties=["energy"])
     atomref = data.atomrefs["energy"].double()

@@ -15,12 +15,11 @@ import pytest
 import sacrebleu
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from ngbench import optimizers
 from ngbench.tasks import DataNotFoundError, TaskConfigError, build_task
 from ngbench.tasks import _text_data as td
 from ngbench.tasks.transformer import Attention, Transformer, sinusoidal_table
+from torch import nn
 
 TINY_ARCH = {"layers": 2, "d_model": 64, "ffn_dim": 256, "heads": 4, "dropout": 0.0}
 

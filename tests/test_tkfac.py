@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 from _helpers import checkpoint_round_trip, train_ce
 from _reference import dense_ef, per_example_matrices
-from torch import nn
-from torch.func import functional_call, grad, vmap
-
 from ngbench.optimizers._layers import make_helper
 from ngbench.optimizers.tekfac import TEKFAC
 from ngbench.optimizers.tkfac import TKFAC, TKFACBlock
+from torch import nn
+from torch.func import functional_call, grad, vmap
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
