@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ngbench.optimizers import get_spec, list_optimizers
-from ngbench.optimizers.registry import validate_hparams
+from ngbench.optimizers import list_optimizers, make_config
 
 SPACE_DIR = Path(__file__).resolve().parent.parent / "configs" / "leaderboard" / "search_space"
 KINDS = ("log", "one_minus_log", "uniform", "choice")
@@ -147,12 +146,11 @@ def load(name: str, folder: Path | None = None) -> SearchSpace:
     both = set(space) & set(fixed)
     if both:
         raise SearchSpaceError(f"{path}: {sorted(both)} both searched and fixed; keep one")
-    spec = get_spec(name)
     ss = SearchSpace(name, dims, dict(fixed), path)
     # the real check: every corner of the space is a valid hyperparameter set
     for u in (0.0, 1.0 - 1e-12):
         try:
-            validate_hparams(spec, {**fixed, **{d.key: d.value(u) for d in dims}})
+            make_config(name, **fixed, **{d.key: d.value(u) for d in dims})
         except ValueError as exc:
             raise SearchSpaceError(f"{path}: {exc}") from exc
     return ss
