@@ -102,7 +102,7 @@ def test_override_goes_into_folder_name_and_sweep(ngbench, tmp_path):
         (["task=nope"], ["task", "nope", "autoencoder"]),
         (["optimizer.lr=-1"], ["optimizer.lr", ">= 0"]),
         (["train.steps=abc"], ["train.steps", "Integer"]),
-        (["optimizer.momentum=fast"], ["optimizer.momentum", "float"]),
+        (["optimizer.momentum=fast"], ["optimizer.momentum", "Float"]),
         (["+optimizer.betas=3"], ["optimizer.betas", "valid keys", "momentum"]),
         # unknown keys with or without +, at any level: the full key and the closest valid one
         (["+train.step=10"], ["'train.step' is not a valid key", "did you mean 'train.steps'"]),
