@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +158,7 @@ def task_workload(text: str, batch_size: int | None, seed: int,
     """The tiny flavor of a task (``name[:key=value...]`` sets ``task.<key>``): its model,
     loss and first training batch of epoch 0 (the train config's batch size by default)."""
     from ngbench.tasks import build_task
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     name, overrides = parse_variant(text)
     path = CONFIG_DIR / "task" / f"{name}.yaml"
@@ -170,6 +170,8 @@ def task_workload(text: str, batch_size: int | None, seed: int,
     from ngbench.tasks.config import TASK_CONFIGS
 
     cfg = OmegaConf.load(path)  # the preset's differences: data_root, the train budget
+    if not isinstance(cfg, DictConfig):
+        raise BenchError(f"{path}: a task preset must be a mapping, got a list")
     cfg.task = OmegaConf.merge({"name": name}, cfg.get("task") or {})
     keys = [f.name for f in dataclasses.fields(TASK_CONFIGS[name]) if f.name != "name"]
     for key, value in overrides.items():
@@ -177,7 +179,8 @@ def task_workload(text: str, batch_size: int | None, seed: int,
             raise BenchError(f"--task {text!r}: task.{key} is not a key of task {name!r} "
                              f"(tasks/config.py); valid keys: {', '.join(keys)}")
         cfg.task[key] = value
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # a config's keys are strings
+    resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     task = build_task(resolved["task"])
     batch = int(batch_size or resolved["train"]["batch_size"])
     first = next(iter(task.train_batches(epoch=0, batch_size=batch, seed=seed)))
@@ -386,10 +389,12 @@ PEERS = {
 def _peer_runners(peers: list[str], work: Workload, seed: int) -> list[Runner]:
     import importlib.util
 
-    if peers and work.spec is None:
+    if not peers:
+        return []
+    if work.spec is None:
         raise BenchError("--peers run on --model workloads only (their loss call differs)")
     spec_model = work.spec
-    x, y = work.batch if peers else (None, None)
+    x, y = work.batch
 
     out: list[Runner] = []
     for peer in peers:
@@ -571,7 +576,7 @@ def add_floors(out: dict[str, dict[str, Any]], work: Workload, runners: dict[str
         excess = {k: measured.get(k, 0.0) - v for k, v in pred.items() if k in measured}
         excess["other"] = row["mean_step_s"] - floor - sum(excess.values())
         row["excess_s"] = excess
-        row["excess_phase"] = max(excess, key=excess.get) if name != "sgd" else None
+        row["excess_phase"] = max(excess, key=excess.__getitem__) if name != "sgd" else None
     out["sgd"]["rates"] = rates.summary()
 
 

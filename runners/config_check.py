@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from hydra.experimental.callback import Callback
 from ngbench.tasks.config import TaskConfigError, task_config, unknown_key_message
@@ -66,7 +66,7 @@ def check_config(cfg: DictConfig | Mapping[str, Any], *, build: bool = True) -> 
     """Raise :class:`ConfigError` (or the task/optimizer config errors) on a bad config.
     ``build=False`` skips building the task (the one check that imports torch)."""
     c: dict[str, Any] = {}
-    for key in cfg:
+    for key in cast(Mapping[str, Any], cfg):  # a config's keys are strings
         if key == "hydra":
             continue
         try:
@@ -147,7 +147,8 @@ def _sweep_cells(config: DictConfig) -> list[list[str]] | None:
         return None
     params = config.hydra.sweeper.get("params") or {}
     lines = [f"{k}={v}" for k, v in params.items()]
-    lines += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False) or [])
+    task_overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    lines += list(cast(list[str], task_overrides or []))  # hydra's list of override strings
     loader = GlobalHydra.instance().config_loader()
     overrides = OverridesParser.create(config_loader=loader).parse_overrides(lines)
     batches = BasicSweeper.split_arguments(overrides, None)

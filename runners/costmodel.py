@@ -76,6 +76,8 @@ def layer_shapes(model: nn.Module, run_forward: Callable[[], Any]) -> list[Layer
                 found.append(LayerShape(name, "embedding", module.embedding_dim,
                                         module.num_embeddings, n_ex, max(1, a.numel() // n_ex)))
             else:
+                if not isinstance(module, nn.Linear):  # only these three kinds are hooked below
+                    raise TypeError(f"layer_shapes: unexpected layer {type(module).__name__}")
                 n_ex = a.shape[0] if a.dim() >= 2 else 1
                 t = max(1, a.numel() // max(1, a.shape[-1]) // n_ex)
                 found.append(LayerShape(name, "linear", module.out_features,
@@ -192,7 +194,7 @@ class Rates:
             self._measure(key, lambda: a.add_(b))
         return k * self._cache[key] * numel / size
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | str]:
         """A few headline rates (GFLOP/s of a 512³ GEMM, ms of a 256 eigh, µs per call)."""
         t = self.gemm(512, 512, 512)
         return {"gemm512_gflops": 2 * 512**3 / t / 1e9, "eigh256_ms": 1e3 * self.eigh(256),

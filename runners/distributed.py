@@ -100,7 +100,7 @@ def mean_scalar(value: float, env: DistEnv) -> float:
     return float(all_reduce_mean(t, env)[0])
 
 
-def broadcast_object(obj: object, env: DistEnv, src: int = 0) -> object:
+def broadcast_object[T](obj: T, env: DistEnv, src: int = 0) -> T:
     if not env.enabled:
         return obj
     box = [obj]

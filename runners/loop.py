@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -150,7 +150,8 @@ def train_step(
         if sampled is not None:
             # under DDP the sampled-label gradients must not be all-reduced: they are discarded
             no_sync = getattr(model, "no_sync", contextlib.nullcontext)
-            with no_sync(), optimizer.sampled_backward():
+            # `wants` holds only for a SampledFisher; the bool loses that narrowing
+            with no_sync(), cast(SampledFisher, optimizer).sampled_backward():
                 sampled.backward(retain_graph=True)
     loss.backward()
     if grad_clip:
@@ -161,7 +162,8 @@ def train_step(
 
 def optimizer_config(cfg: DictConfig) -> dict[str, Any]:
     """The optimizer's effective hyperparameters (``optimizer.lr`` times ``train.lr_mult``)."""
-    opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    # a config's keys are strings
+    opt_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.optimizer, resolve=True))
     assert isinstance(opt_cfg, dict)
     lr_mult = float(cfg.train.get("lr_mult", 1.0))
     if "lr" in opt_cfg and lr_mult != 1.0:

@@ -45,7 +45,7 @@ def file_mode() -> int:
 
 
 def atomic_write(
-    path: Path, write: Callable[[IO[bytes]], None], *, keep_previous: Path | None = None
+    path: Path, write: Callable[[IO[bytes]], object], *, keep_previous: Path | None = None
 ) -> None:
     """Write ``path`` through ``write(file)`` so that readers see the old or the new file, never
     half; the mode follows the umask. With ``keep_previous``, the old file moves there first."""
@@ -110,7 +110,7 @@ def read_json(path: Path) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a ``metrics.jsonl``; a torn last line (killed mid-write) is ignored."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not Path(path).exists():
         return rows
     for line in Path(path).read_text().splitlines():

@@ -160,7 +160,8 @@ class Study:
         out = []
         for b in self.sw.batch_sizes:
             d = lb.Driver(self.settings(b), log=print)
-            d.target = lambda _workload: self.target  # type: ignore[method-assign]
+            # one fixed target for every workload (a per-instance override of the method)
+            d.target = lambda workload: self.target  # type: ignore[method-assign]
             out.append((b, d))
         return out
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -129,7 +129,8 @@ class RunRecord:
         hparams: dict[str, Any],
         device: Any,
     ) -> None:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        # a config's keys are strings
+        resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
         assert isinstance(resolved, dict)
         self.cfg, self.run_dir, self.env, self.state = cfg, Path(run_dir), env, state
         self.logger: Any = None  # the W&B mirror (rank 0, logger=wandb)

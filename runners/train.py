@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -33,7 +34,9 @@ def _data_name(task: Any) -> str:
     """Folder component of the data a run really uses (``ngbench.tasks.config``: ``data_name``)."""
     from ngbench.tasks.config import task_config
 
-    node = OmegaConf.to_container(task, resolve=True) if OmegaConf.is_config(task) else task
+    # a config's keys are strings
+    node = (cast(dict[str, Any], OmegaConf.to_container(task, resolve=True))
+            if OmegaConf.is_config(task) else task)
     try:
         return task_config(node).data_name
     except ValueError:  # refused with a clear message by runners.config_check
@@ -41,7 +44,7 @@ def _data_name(task: Any) -> str:
 
 
 def _register_resolvers() -> None:
-    resolvers = {
+    resolvers: dict[str, Callable[..., Any]] = {
         "ngb_tag": lambda overrides: identity.folder_tag(overrides or []),
         "ngb_debug": identity.debug_prefix,
         "ngb_data": _data_name,
@@ -71,8 +74,9 @@ def _differences_note(cfg: DictConfig, run_dir: Path) -> str:
     old_path = run_dir / "config.yaml"
     if not old_path.exists():
         return ""
-    old = OmegaConf.to_container(OmegaConf.load(old_path), resolve=False)
-    new = OmegaConf.to_container(cfg, resolve=True)
+    # a config's keys are strings
+    old = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(old_path), resolve=False))
+    new = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     assert isinstance(old, dict) and isinstance(new, dict)
     diff = identity.differences(old, new)
     if not diff:
@@ -88,7 +92,7 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def run(cfg: DictConfig) -> dict[str, Any] | None:
+def run(cfg: DictConfig) -> float | None:
     from . import distributed
     from .checkpoint import CheckpointError
     from .config_check import check_config

@@ -53,7 +53,8 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
     rows = []
     for payload in iter_payloads(path):
-        rec = pb.Record()
+        # the module picks its classes by protobuf version (star import); mypy cannot see them
+        rec = pb.Record()  # type: ignore[attr-defined]
         rec.ParseFromString(payload)
         if rec.WhichOneof("record_type") != "history":
             continue

@@ -136,7 +136,7 @@ def tiny_digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def loader(
     dataset: Any,
-    batches: Sequence[Sequence[int]],
+    batches: Sequence[Sequence[int] | Tensor],  # index lists or 1-D index tensors
     *,
     num_workers: int,
     seed: int,

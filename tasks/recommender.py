@@ -112,6 +112,9 @@ class DLRM(nn.Module):
     """DLRM with the dot interaction (Naumov et al. 2019, Fig. 1; reference initialisation:
     embeddings U(±1/√rows), MLP weights N(0, 2/(fan_in+fan_out)))."""
 
+    _rows: Tensor  # buffers (register_buffer below)
+    _cols: Tensor
+
     def __init__(
         self,
         *,
@@ -127,8 +130,9 @@ class DLRM(nn.Module):
                 f"task.bottom_mlp must end with the embedding width task.emb_dim={emb_dim}, "
                 f"got {list(bottom_mlp)}"
             )
-        self.embeddings = nn.ModuleList(nn.Embedding(int(n), emb_dim) for n in table_sizes)
-        for emb in self.embeddings:
+        embeddings = [nn.Embedding(int(n), emb_dim) for n in table_sizes]
+        self.embeddings = nn.ModuleList(embeddings)
+        for emb in embeddings:
             bound = 1.0 / max(1, emb.num_embeddings) ** 0.5
             nn.init.uniform_(emb.weight, -bound, bound)
         self.bottom = _mlp([n_dense, *bottom_mlp], last_relu=True)

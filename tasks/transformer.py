@@ -149,6 +149,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Encoder–decoder Transformer over one joined vocabulary (``pad`` = 0)."""
 
+    positions: Tensor  # a buffer (register_buffer below)
+
     def __init__(
         self,
         *,
@@ -174,7 +176,7 @@ class Transformer(nn.Module):
             "positions", sinusoidal_table(max_positions, d_model), persistent=False
         )
         self.drop = nn.Dropout(dropout)
-        kw = {"dropout": dropout, "pre_norm": pre_norm}
+        kw: dict[str, Any] = {"dropout": dropout, "pre_norm": pre_norm}
         self.encoder = nn.ModuleList(
             Block(d_model, heads, ffn_dim, cross=False, **kw) for _ in range(layers)
         )
