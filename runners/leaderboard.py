@@ -37,6 +37,7 @@ running sweeps; the same command resumes.
 from __future__ import annotations
 
 import argparse
+import enum
 import hashlib
 import json
 import os
@@ -156,9 +157,20 @@ def untuned_overrides(w: Workload, optimizer: str, searched: Iterable[str]) -> l
     tuned = REPO / "configs" / "tuned" / f"{task}_{optimizer}.yaml"
     if task is None or not tuned.exists():
         return []
-    preset = yaml.safe_load((REPO / "configs" / "optimizer" / f"{optimizer}.yaml").read_text())
+    preset = preset_values(optimizer)
     keys = (yaml.safe_load(tuned.read_text()) or {}).get("optimizer", {}) or {}
     return [f"optimizer.{k}={fmt_value(preset.get(k))}" for k in keys if k not in set(searched)]
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    """Every hyperparameter of ``configs/optimizer/<preset>.yaml`` as composed: the optimizer's
+    config dataclass defaults with the preset's differences on top."""
+    from ngbench.optimizers import make_config
+
+    raw = yaml.safe_load((REPO / "configs" / "optimizer" / f"{preset}.yaml").read_text())
+    raw.pop("defaults", None)  # Hydra's defaults list (the schema): not a hyperparameter
+    return {k: (str(v) if isinstance(v, enum.Enum) else v)
+            for k, v in make_config(raw).to_dict().items()}
 
 
 def base_overrides(

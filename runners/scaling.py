@@ -298,10 +298,17 @@ def resolve_target(arg: str | None, lb_name: str, targets_file: Path,
 
 def task_target(workload: lb.Workload) -> lb.Target:
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from . import train  # noqa: F401  (registers the schemas and resolvers)
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         cfg = compose("train", overrides=[*workload.overrides, "optimizer=adamw"])
-    t = cfg.task.target
+    from ngbench.tasks.config import task_config
+
+    t = task_config(OmegaConf.to_container(cfg.task, resolve=True)).resolved_target
+    if t is None:
+        raise ValueError(f"task {cfg.task.name!r} declares no target; pass --target VALUE")
     return lb.Target(str(t.metric), float(t.value), str(t.mode))
 
 

@@ -142,13 +142,15 @@ class NgbenchConfig:
 
 
 def register_schemas() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    """Store every schema in Hydra's ConfigStore (idempotent): call it before composing
+    ``configs/train.yaml`` (``ngbench train`` does on import of :mod:`runners.train`)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="ngbench_schema", node=NgbenchConfig)
     for name, cls in TASK_CONFIGS.items():
         cs.store(group="schema/task", name=name, node=cls)
+    register_optimizer_schemas()
 
 
 def register_optimizer_schemas() -> None:

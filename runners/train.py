@@ -58,7 +58,6 @@ def _register_resolvers() -> None:
 
 _register_resolvers()
 schema.register_schemas()
-schema.register_optimizer_schemas()  # once optimizers.registry.config_class exists
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

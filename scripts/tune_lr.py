@@ -27,9 +27,8 @@ from ngbench.runners import records  # noqa: E402
 
 
 def current_lr(task: str, opt: str) -> float:
+    import ngbench.runners.train  # noqa: F401  (resolvers)
     from hydra import compose, initialize_config_dir
-
-    import runners.train  # noqa: F401  (resolvers)
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[f"task={task}", f"optimizer={opt}"])

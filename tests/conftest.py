@@ -55,10 +55,9 @@ def ngbench(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
 @pytest.fixture
 def compose() -> Callable[..., object]:
     """Compose ``configs/train.yaml`` with overrides through Hydra's compose API."""
+    import ngbench.runners.train  # noqa: F401  (registers the ngb_tag resolver)
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
-
-    import runners.train  # noqa: F401  (registers the ngb_tag resolver)
 
     def run(*overrides: str):
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

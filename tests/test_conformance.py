@@ -108,6 +108,8 @@ def test_config_class_is_keyword_only_documented_and_complete(name):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_preset_files_hold_only_what_differs_from_the_defaults(path):
     cfg = yaml.safe_load(path.read_text())
+    # the preset composes on its optimizer's schema (runners/schema.py), then its differences
+    assert cfg.pop("defaults")[0].startswith(f"/schema/optimizer/{cfg['name']}@_here_")
     name = cfg.pop("name")
     cls = config_class(name)
     defaults = cls().to_dict()

@@ -61,9 +61,13 @@ def test_two_processes_match_one(tmp_path, opt):
     assert read_json(two / "record.json")["world_size"] == 2
     r1, r2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == [6, 12]
+    # SOAP has no float64 option: its factors sum the all-reduced float32 gradient (another
+    # summation order than one process) and its QR-refreshed eigenbasis amplifies that round-off
+    # (measured 2.4e-4 relative at step 12 on this VM); a DDP bug moves the loss by far more
+    rel = 1e-3 if opt == "soap" else 1e-4
     for a, b in zip(r1, r2, strict=True):
         for k in ("full_train_loss", "val_loss", "train_loss"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4), (opt, k, a[k], b[k])
+            assert b[k] == pytest.approx(a[k], rel=rel), (opt, k, a[k], b[k])
 
 
 def test_grad_worker_fraction_from_the_command_line(tmp_path):

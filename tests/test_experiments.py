@@ -16,7 +16,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 
 def _compose(*overrides: str):
-    import runners.train  # noqa: F401  (resolvers)
+    import ngbench.runners.train  # noqa: F401  (resolvers)
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=True)

@@ -49,9 +49,8 @@ EXPECTED_NOT_BETTER: dict[str, str] = {
 
 @cache
 def _compose(opt_name: str) -> Any:
+    import ngbench.runners.train  # noqa: F401  (registers the ngb_tag resolver)
     from hydra import compose, initialize_config_dir
-
-    import runners.train  # noqa: F401  (registers the ngb_tag resolver)
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=["task=autoencoder", f"optimizer={opt_name}"])

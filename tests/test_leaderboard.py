@@ -173,7 +173,7 @@ def test_tuned_files_do_not_leak_into_trials_or_defaults(compose, tmp_path, name
     generated config sets the searched ones."""
     w = lb.load_workloads()["autoencoder"]
     s = lb.Settings(workloads={"autoencoder": w}, optimizers=[name], trials=2, runs_root=tmp_path)
-    preset = yaml.safe_load((REPO / "configs" / "optimizer" / f"{name}.yaml").read_text())
+    preset = lb.preset_values(name)
     tuned = yaml.safe_load((REPO / "configs" / "tuned" / f"autoencoder_{name}.yaml").read_text())
     trial = lb.tune_cells(s, w, name)[0]
     path = f"hydra.searchpath=[file://{lb.write_trial_configs(s, [trial])}]"

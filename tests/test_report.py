@@ -105,7 +105,7 @@ def test_report_table_numbers_and_skips(tmp_path):
     assert " 72 ± 2 (3) |" in md  # formatting comes last, from the numbers
     assert " 85 (1) |" in md and "± nan" not in md and "nan" not in md.replace("nanos", "")
     figs = {p.name for p in out["figures"]}
-    assert figs == {"curves_autoencoder_mnist_5k_tiny.png", "performance_profile.png"}
+    assert figs == {"curves_autoencoder_mnist_tiny.png", "performance_profile.png"}
     # profile: kfac median 2.0 s is fastest; adamw median over (4.0, inf) = inf; sgd never
     assert out["scores"]["kfac"] == pytest.approx(1.0)
     assert out["scores"]["sgd"] == 0.0
@@ -242,7 +242,8 @@ def test_report_cli_on_real_runs_bad_files_and_wandb_mirror(ngbench, tmp_path):
     assert len(long) == 5 and long["is_debug"].sum() == 1
     assert len(pd.read_csv(tables / "skipped.csv")) == 6
     figs = tmp_path / "rep2" / "figures"
-    assert (figs / "debug_curves_autoencoder_mnist_tiny_debug_smoke_steps_6_batch_100.png").exists()
+    debug_fig = "debug_curves_autoencoder_mnist_5k_tiny_debug_smoke_steps_6_batch_100.png"
+    assert (figs / debug_fig).exists()
 
     # nothing usable: a clear error naming why, exit 2
     p = ngbench("report", "runs/bad", "--out", "rep3")

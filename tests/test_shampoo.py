@@ -450,6 +450,7 @@ def test_registry_config_memory_and_phase_times():
     spec = get_spec("shampoo")
     assert spec.curvature and not spec.needs_model and not spec.sampled_fisher
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIG))
+    cfg.pop("defaults")  # the preset's schema (Hydra's defaults list)
     model = _mlp()
     opt = build_optimizer(
         cfg, model, weight_decay=0.1, precondition_frequency=2, max_preconditioner_dim=6
