@@ -22,7 +22,6 @@ optimizer's state memory beside SGD's momentum and AdamW's moments.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import resource
@@ -36,6 +35,8 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import bench_args
 
 __all__ = ["MODELS", "PEERS", "main", "run_bench"]
 
@@ -106,13 +107,15 @@ def _resnet50() -> nn.Module:
     return build_resnet("resnet50", num_classes=1000)
 
 
-MODELS = {
+_MODELS = {
     "small_cnn": BenchModel(SmallCNN, 128, _cnn_data, F.cross_entropy, "cross_entropy"),
     "autoencoder": BenchModel(_ae_model, 250, _ae_data, _bce_sum, "mse"),
     # torchvision ResNet-50 on a synthetic ImageNet batch (3x224x224, 1000 classes): an
     # accelerator workload (scripts/gpu_check.sh); on a CPU one step takes seconds
     "resnet50": BenchModel(_resnet50, 128, _imagenet_data, F.cross_entropy, "cross_entropy"),
 }
+#: ``--model`` choices: their names and order live in :mod:`runners.bench_args` (no torch)
+MODELS = {name: _MODELS[name] for name in bench_args.MODEL_NAMES}
 
 
 class BenchError(ValueError):
@@ -276,7 +279,7 @@ def _autocast(device: torch.device, mode: str | None) -> Any:
     return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[mode])
 
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {name: getattr(torch, dtype) for name, dtype in bench_args.AUTOCAST.items()}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -380,10 +383,7 @@ def _make_pto_shampoo(spec_model: BenchModel, x: Tensor, y: Tensor, seed: int) -
 
 
 #: peer package -> (import name, runner names)
-PEERS = {
-    "asdl": ("asdl", ("asdl_kfac", "asdl_ekfac")),
-    "pytorch_optimizer": ("pytorch_optimizer", ("pto_shampoo",)),
-}
+PEERS = bench_args.PEERS
 
 
 def _peer_runners(peers: list[str], work: Workload, seed: int) -> list[Runner]:
@@ -668,45 +668,10 @@ def _num(value: float | None, width: int) -> str:
     return f"{value:>{width}.2f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="ngbench bench",
-        description="Optimizer step overhead (mean step time vs SGD and AdamW, phases, memory).",
-    )
-    p.add_argument("--model", default="small_cnn", help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--task", default=None, metavar="NAME[:KEY=VALUE...]",
-                   help="a task's tiny flavor instead of --model (its model, loss and first "
-                        "batch): autoencoder, resnet, transformer, schnet, recommender "
-                        "(NCF; recommender:model=dlrm for DLRM)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda")
-    p.add_argument("--autocast", default=None, choices=sorted(AUTOCAST_DTYPES),
-                   help="run forward and loss under torch.autocast with this dtype")
-    p.add_argument("--no-floor", action="store_true",
-                   help="skip the cost model (floor ratio, excess phase, memory floor)")
-    p.add_argument("--optimizers", type=_csv, default=["sgd", "adamw", "kfac"],
-                   help="comma-separated registered optimizers (sgd and adamw always run); "
-                   "name:key=value[:key=value] runs a variant, e.g. "
-                   "ekfac:projection_dtype=float32")
-    p.add_argument("--peers", type=_csv, default=[],
-                   help=f"comma-separated peer packages: {', '.join(PEERS)}")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed steps per optimizer (default: 2 x the largest refresh "
-                        "frequency, at least 200)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
-    p.add_argument("--chunk", type=int, default=10, help="steps per optimizer per round")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the model's own")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run the whole benchmark N times in this process (fresh models each "
-                        "time) and report medians with the ratio range (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    a = p.parse_args(argv)
+    from .bench_args import parser
+
+    a = parser().parse_args(argv)
 
     def fail(msg: str) -> int:
         print(f"ngbench bench: error: {msg}", file=sys.stderr)

@@ -145,6 +145,10 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:  # the command line alone: no torch import
+        from .bench_args import parser
+
+        parser().parse_args(argv)
     try:
         from . import bench
     except ImportError as exc:

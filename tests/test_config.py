@@ -88,9 +88,14 @@ def test_cheap_modules_do_not_import_torch():
         "import ngbench.tasks.config, ngbench.runners.schema;"
         "import ngbench.runners.identity, ngbench.runners.records;"
         "c.main(['list', 'tasks']); c.main(['--version']);"
-        "assert 'torch' not in sys.modules, 'torch imported'"
+        "assert 'torch' not in sys.modules, 'torch imported';"
+        "import contextlib;"
+        "exec('for h in (\"bench\", \"data\", \"report\"):\\n"
+        " with contextlib.suppress(SystemExit): c.main([h, \"--help\"])');"
+        "assert 'torch' not in sys.modules, 'torch imported by a --help'"
     )
     repo = Path(__file__).resolve().parent.parent
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert p.returncode == 0, p.stderr
     assert "mnist_5k" in p.stdout and "ngbench " in p.stdout
+    assert "usage: ngbench bench" in p.stdout and "usage: ngbench data" in p.stdout
