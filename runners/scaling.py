@@ -306,7 +306,9 @@ def task_target(workload: lb.Workload) -> lb.Target:
         cfg = compose("train", overrides=[*workload.overrides, "optimizer=adamw"])
     from ngbench.tasks.config import task_config
 
-    t = task_config(OmegaConf.to_container(cfg.task, resolve=True)).resolved_target
+    node = OmegaConf.to_container(cfg.task, resolve=True)
+    assert isinstance(node, dict)
+    t = task_config({str(k): v for k, v in node.items()}).resolved_target
     if t is None:
         raise ValueError(f"task {cfg.task.name!r} declares no target; pass --target VALUE")
     return lb.Target(str(t.metric), float(t.value), str(t.mode))
