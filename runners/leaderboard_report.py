@@ -181,7 +181,8 @@ def plot_decomposition(dec: pd.DataFrame, out: Path) -> Path | None:
     return path
 
 
-def _write(tab: pd.DataFrame, stem: Path) -> None:
+def write_table(tab: pd.DataFrame, stem: Path) -> None:
+    """``stem.md`` and ``stem.csv`` of a result table (the scaling study's too)."""
     records.atomic_write_text(stem.with_suffix(".md"), tab.to_markdown(index=False) + "\n")
     records.atomic_write_text(stem.with_suffix(".csv"), tab.to_csv(index=False))
 
@@ -207,11 +208,11 @@ def write(rows: list[dict[str, Any]], out: Path, *, manifest: dict[str, Any], lo
         if tdf.empty:
             continue
         tab = leaderboard_table(tdf)
-        _write(tab, tables / f"{track}_leaderboard")
+        write_table(tab, tables / f"{track}_leaderboard")
         prof = tdf.assign(task=tdf["workload"], label=tdf["optimizer"])
         rho, score = performance_profile(prof, taus)
         if not score.empty:
-            _write(score.rename("score").rename_axis("optimizer").reset_index(),
+            write_table(score.rename("score").rename_axis("optimizer").reset_index(),
                    tables / f"{track}_profile_scores")
             (figs / track).mkdir(exist_ok=True)
             style = styles(prof.assign(preset=prof["optimizer"], variant="default"))
@@ -223,13 +224,13 @@ def write(rows: list[dict[str, Any]], out: Path, *, manifest: dict[str, Any], lo
             log("profile score: " + json.dumps(score.round(3).to_dict()))
         if track == "tuned" and not tab.empty:
             head = headline(tab)
-            _write(head, tables / "headline")
+            write_table(head, tables / "headline")
             result["headline"] = head
             log("\n## best curvature method vs tuned AdamW\n" + head.to_markdown(index=False))
     rer = df[df["phase"] == "rerun"]
     if not rer.empty:
         dec = decomposition(rer)
-        _write(dec, tables / "decomposition")
+        write_table(dec, tables / "decomposition")
         plot_decomposition(dec, figs)
         result["decomposition"] = dec
         log("\n## decomposition (tuned)\n" + dec.to_markdown(index=False))

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from . import records
+from .leaderboard_report import write_table
 from .report import styles, welch_p
 
 REFERENCE = "adamw"
@@ -215,11 +216,6 @@ def plot(tab: pd.DataFrame, summ: pd.DataFrame, out: Path, title: str) -> Path |
     return path
 
 
-def _write(tab: pd.DataFrame, stem: Path) -> None:
-    records.atomic_write_text(stem.with_suffix(".md"), tab.to_markdown(index=False) + "\n")
-    records.atomic_write_text(stem.with_suffix(".csv"), tab.to_csv(index=False))
-
-
 def write(rows: list[dict[str, Any]], out: Path, *, manifest: dict[str, Any], log: Any = print
           ) -> dict[str, Any]:
     out = Path(out)
@@ -236,10 +232,10 @@ def write(rows: list[dict[str, Any]], out: Path, *, manifest: dict[str, Any], lo
     tab = by_batch(rer)
     summ = summary(tab, rer)
     head = headline(summ)
-    _write(tab, out / "tables" / "by_batch")
-    _write(summ, out / "tables" / "summary")
+    write_table(tab, out / "tables" / "by_batch")
+    write_table(summ, out / "tables" / "summary")
     if not head.empty:
-        _write(head, out / "tables" / "headline")
+        write_table(head, out / "tables" / "headline")
     t = manifest.get("target", {})
     title = (f"{manifest.get('workload', '')}: target {t.get('metric')} "
              f"{'≤' if t.get('mode') == 'min' else '≥'} {t.get('value')}")
