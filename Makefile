@@ -19,7 +19,7 @@ PARALLEL    = hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) train.threads=
 QUIET       = train.progress=false hydra/job_logging=none hydra/hydra_logging=none
 # the committed comparison: every optimizer at its tuned settings, 3 seeds, 800 steps
 RESULTS_RUNS ?= runs/results
-RESULTS_OUT  ?= results/autoencoder_mnist_tiny
+RESULTS_OUT  ?= results/autoencoder_mnist_5k_tiny
 
 # the fair comparison (issue 16): declared search spaces, 8 Sobol trials per optimizer per
 # workload, calibrated targets, reruns over 3 seeds, a no-tuning track; resumable
@@ -34,7 +34,7 @@ SCALING_ARGS ?=
 help:
 	@echo "make setup   create .venv (Python 3.12) and install ngbench with its dev and peers extras"
 	@echo "make demo    MNIST autoencoder, every optimizer x 3 seeds, table + plots in results/demo"
-	@echo "make results the committed comparison (800 steps, tuned) in results/autoencoder_mnist_tiny"
+	@echo "make results the committed comparison (800 steps, tuned) in results/autoencoder_mnist_5k_tiny"
 	@echo "make leaderboard  the fair comparison on six tiny workloads (hours; resumable)"
 	@echo "make scaling SCALING_WORKLOAD=autoencoder|resnet  batch-size scaling study (resumable)"
 	@echo "make test    the test suite (what CI runs)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["AUTOCAST", "MODEL_NAMES", "PEERS", "parser"]
+__all__ = ["AUTOCAST", "MODEL_NAMES", "PEERS", "csv_list", "parser"]
 
 #: ``--model`` choices (:data:`runners.bench.MODELS` builds each)
 MODEL_NAMES = ("small_cnn", "autoencoder", "resnet50")
@@ -22,7 +22,7 @@ PEERS = {
 AUTOCAST = {"bf16": "bfloat16"}
 
 
-def _csv(value: str) -> list[str]:
+def csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
@@ -41,11 +41,11 @@ def parser() -> argparse.ArgumentParser:
                    help="run forward and loss under torch.autocast with this dtype")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the cost model (floor ratio, excess phase, memory floor)")
-    p.add_argument("--optimizers", type=_csv, default=["sgd", "adamw", "kfac"],
+    p.add_argument("--optimizers", type=csv_list, default=["sgd", "adamw", "kfac"],
                    help="comma-separated registered optimizers (sgd and adamw always run); "
                    "name:key=value[:key=value] runs a variant, e.g. "
                    "ekfac:projection_dtype=float32")
-    p.add_argument("--peers", type=_csv, default=[],
+    p.add_argument("--peers", type=csv_list, default=[],
                    help=f"comma-separated peer packages: {', '.join(PEERS)}")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per optimizer (default: 2 x the largest refresh "

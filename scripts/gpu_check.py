@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 from ngbench.optimizers import build_optimizer, get_spec, list_optimizers  # noqa: E402
-from ngbench.runners import bench  # noqa: E402
+from ngbench.runners import bench, bench_args  # noqa: E402
 
 TASKS = ["autoencoder", "resnet", "transformer", "schnet", "recommender",
          "recommender:model=dlrm"]
@@ -289,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if a.dry_run else "cuda")
     autocast = "bf16"
     out = a.out or (Path("/tmp/gpu_check_dry") if a.dry_run else ROOT / "results" / "gpu_check")
-    tasks = bench._csv(a.tasks)
-    names = bench._csv(a.optimizers) if a.optimizers else [*list_optimizers(),
+    tasks = bench_args.csv_list(a.tasks)
+    names = bench_args.csv_list(a.optimizers) if a.optimizers else [*list_optimizers(),
                                                             "kfac:approx=reduce"]
-    sections = set(bench._csv(a.sections))
+    sections = set(bench_args.csv_list(a.sections))
     budget = Budget(a.budget_s)
     report: dict[str, Any] = {"dry_run": a.dry_run, "autocast": autocast,
                               "environment": environment(device)}
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in ("small_cnn", "resnet50"):
             report["ratios"][model] = ratios(model, device=device, autocast=autocast,
                                              dry=a.dry_run, budget=budget,
-                                             optimizers=bench._csv(a.ratio_optimizers))
+                                             optimizers=bench_args.csv_list(a.ratio_optimizers))
             report["elapsed_s"] = budget.elapsed()
             write(report, out)
             print(f"gpu_check: ratios {model}: {report['ratios'][model]['status']}",
