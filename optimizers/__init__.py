@@ -15,7 +15,6 @@ from .mbf import MBF, MBFConfig
 from .ngplus import NGPlus, NGPlusConfig
 from .registry import (
     OPTIMIZERS,
-    REGISTRY,
     OptimizerSpec,
     build_optimizer,
     config_class,
@@ -34,7 +33,6 @@ __all__ = [
     "KFAC",
     "MBF",
     "OPTIMIZERS",
-    "REGISTRY",
     "SNGD",
     "SOAP",
     "TEKFAC",

@@ -115,7 +115,6 @@ __all__ = [
     "Schedule",
     "STAT_DTYPES",
     "StatDtype",
-    "check_choice",
     "check_schedule",
     "freq_at",
 ]
@@ -211,12 +210,6 @@ def freq_at(key: str, sched: Schedule, step: int) -> int:
     if isinstance(f, bool) or not isinstance(f, int) or f < 1:
         raise ValueError(f"optimizer.{key} schedule returned {f!r} at step {step}; need int >= 1")
     return f
-
-
-def check_choice(key: str, value: object, choices: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming ``optimizer.key`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"optimizer.{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _matches(pattern: str, name: str, module: nn.Module) -> bool:

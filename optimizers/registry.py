@@ -25,7 +25,6 @@ from .capabilities import Instrumented
 
 __all__ = [
     "OPTIMIZERS",
-    "REGISTRY",
     "OptimizerConfigError",
     "OptimizerSpec",
     "build_optimizer",
@@ -115,10 +114,6 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   "Vyas et al., arXiv 2409.11321 (2024)", build=soap.build_soap),
 )}
 # fmt: on
-
-#: the former name of :data:`OPTIMIZERS`
-REGISTRY = OPTIMIZERS
-
 
 def list_optimizers() -> list[str]:
     return sorted(OPTIMIZERS)

@@ -11,6 +11,7 @@ cell of the sweep before the first one starts (``on_multirun_start``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Mapping
 from typing import Any, cast
@@ -90,6 +91,7 @@ def check_config(cfg: DictConfig | Mapping[str, Any], *, build: bool = True) -> 
         build_task(c["task"])  # the task's own checks (data is loaded lazily)
 
 
+@functools.cache
 def config_groups() -> list[str]:
     """The groups of the root config's defaults list (configs/train.yaml), its one source."""
     import re
