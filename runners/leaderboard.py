@@ -308,6 +308,13 @@ def index_runs(runs_root: Path) -> dict[frozenset[str], Path]:
     return out
 
 
+def finished_runs(s: Settings) -> dict[frozenset[str], Path]:
+    """Every finished run of ``s``: the archived copies committed under ``<out>/runs`` (so a
+    fresh clone resumes from the committed records instead of running them again), overlaid by
+    the live folders under ``s.runs_root``."""
+    return {**index_runs(s.out / "runs"), **index_runs(s.runs_root)}
+
+
 def pending_groups(
     cells: list[Cell], index: dict[frozenset[str], Path]
 ) -> dict[tuple[Any, ...], list[Cell]]:
@@ -327,7 +334,7 @@ def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[froze
     finished runs afterwards. Cells that differ only in their trial share one ``ngbench train
     -m`` process (one start-up for all the trials of an optimizer); ``s.jobs`` processes run at
     a time, each with one torch thread."""
-    index = index_runs(s.runs_root)
+    index = finished_runs(s)
     groups = pending_groups(cells, index)
     n_runs = sum(len(k[-1]) * len(v) for k, v in groups.items())
     log(f"[{cells[0].phase if cells else '-'}] {len(cells)} cells: {n_runs} runs to do in "
@@ -368,19 +375,20 @@ def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[froze
     try:
         for what, rc, dt in pool.map(launch, groups.items()):
             log(f"  {what} rc={rc} {dt:.1f}s")
+            archive(s, index_runs(s.runs_root), commit=False)  # as they finish, not per phase
     except KeyboardInterrupt:
         stop_children()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
-    index = index_runs(s.runs_root)
-    archive(s, index)
-    return index
+    archive(s, index_runs(s.runs_root))
+    return finished_runs(s)
 
 
-def archive(s: Settings, index: dict[frozenset[str], Path]) -> None:
+def archive(s: Settings, index: dict[frozenset[str], Path], *, commit: bool = True) -> None:
     """Copy every finished run's small files (record, metrics, config, overrides) under
-    ``<out>/runs/`` (the raw records committed with the results)."""
+    ``<out>/runs/`` (the raw records committed with the results); with ``--git-commit`` and
+    ``commit``, commit them."""
     dest_root = s.out / "runs"
     root = Path(s.runs_root)
     if dest_root.resolve() == root.resolve():
@@ -401,7 +409,7 @@ def archive(s: Settings, index: dict[frozenset[str], Path]) -> None:
         if ov.exists():
             shutil.copy2(ov, dest / "overrides.yaml")
         shutil.copy2(folder / records.RECORD, dest / records.RECORD)  # last: marks it complete
-    if s.git_commit:
+    if s.git_commit and commit:
         subprocess.run(["git", "add", str(s.out)], cwd=REPO, check=False)
         subprocess.run(
             ["git", "commit", "-q", "-m", f"leaderboard: raw run records ({len(index)} runs)",
@@ -536,7 +544,7 @@ class Driver:
         return out
 
     def calibrate(self) -> dict[str, dict[str, Any]]:
-        self.index = index_runs(self.s.runs_root)
+        self.index = finished_runs(self.s)
         cells = self.calibration_cells()
         self.index = run_cells(self.s, list(cells.values()), log=self.log)
         import statistics
@@ -589,7 +597,7 @@ class Driver:
         return out
 
     def rerun(self) -> None:
-        self.index = index_runs(self.s.runs_root)
+        self.index = finished_runs(self.s)
         self.index = run_cells(self.s, self.best_trials(), log=self.log)
 
     def defaults_cells(self) -> list[Cell]:
@@ -602,7 +610,7 @@ class Driver:
     def trial_table(self) -> list[dict[str, Any]]:
         """Every run of the comparison, scored against its workload's calibrated target (the
         task's own target where none is calibrated yet)."""
-        self.index = index_runs(self.s.runs_root)
+        self.index = finished_runs(self.s)
         cells = [*self.all_tune_cells(), *self.calibration_cells().values(),
                  *self.best_trials(), *self.defaults_cells()]
 
@@ -628,7 +636,7 @@ class Driver:
         time of the finished runs of each workload (record ``started``..``finished``) times
         its pending runs, plus a process start-up each, divided by the jobs. Phases after an
         unfinished one are counted at their most (every seed of every cell new but seed 0)."""
-        self.index = index_runs(self.s.runs_root)
+        self.index = finished_runs(self.s)
         s, n_w, n_o = self.s, len(self.s.workloads), len(self.s.optimizers)
         walls: dict[str, list[float]] = {}
         for key, folder in self.index.items():

@@ -181,7 +181,7 @@ def rerun(st: Study) -> None:
 
 def trial_rows(st: Study) -> list[dict[str, Any]]:
     """Every finished tune and rerun run, scored against the study's target."""
-    index = lb.index_runs(st.base.runs_root)
+    index = lb.finished_runs(st.base)
     rows = []
     for b, d in st.drivers():
         d.index = index
@@ -207,7 +207,7 @@ def plan(st: Study) -> dict[str, float]:
     budget a run uses: 1 for a trial that misses the target, less for one that stops at it;
     0.75 assumed) + a process start-up each; ÷ jobs. Reruns whose best trial is not known yet
     are counted as every optimizer's (seeds - 1) new seeds."""
-    index = lb.index_runs(st.base.runs_root)
+    index = lb.finished_runs(st.base)
     fill = 0.75
     measured: dict[tuple[str, int], list[float]] = {}
     for row in trial_rows(st):

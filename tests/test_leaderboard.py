@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -163,6 +164,12 @@ def test_smoke_leaderboard_end_to_end_and_resume(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count(": 0 runs to do in 0 processes") == 4, again.stdout
+    assert pd.read_csv(out / "trials.csv")["final"].equals(trials["final"])
+    # a fresh clone has no runs/ (git-ignored): it resumes from the committed copies in <out>
+    shutil.rmtree(runs)
+    fresh = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert fresh.stdout.count(": 0 runs to do in 0 processes") == 4, fresh.stdout
     assert pd.read_csv(out / "trials.csv")["final"].equals(trials["final"])
 
 
