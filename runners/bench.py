@@ -301,14 +301,14 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def _make_ours(label: str, work: Workload, seed: int, *, device: torch.device,
-               autocast: str | None = None) -> Runner:
+               autocast: str | None = None, lr_scale: float = 1.0) -> Runner:
     from ngbench.optimizers import build_optimizer, get_spec
 
     name, hparams = parse_variant(label)
     spec = get_spec(name)
     torch.manual_seed(seed)
     model = work.build()
-    opt = build_optimizer(name, model, **{"lr": LR.get(name, DEFAULT_LR), **hparams})
+    opt = build_optimizer(name, model, **{"lr": lr_scale * LR.get(name, DEFAULT_LR), **hparams})
     sampled = bool(spec.sampled_fisher)
     clock = _Clock(device)
 
@@ -431,17 +431,21 @@ def run_bench(
     autocast: str | None = None,
     floor: bool = True,
     errors: dict[str, str] | None = None,
+    lr_scale: float = 1.0,
 ) -> dict[str, dict[str, Any]]:
     """Run the benchmark and return ``{name: result}`` (see :func:`main` for the fields).
     ``task`` (``name[:key=value...]``) replaces ``model`` by a task's tiny flavor; ``errors``
-    (when given) receives ``{name: message}`` of the optimizers that failed and were dropped."""
+    (when given) receives ``{name: message}`` of the optimizers that failed and were dropped.
+    ``lr_scale`` multiplies every one of our optimizers' lr; a row whose parameters end
+    non-finite has ``finite: False`` (its time was measured on NaN arithmetic)."""
     dev = torch.device(device)
     if task is not None:
         work = task_workload(task, batch_size, seed, dev)
     else:
         work = model_workload(str(model), batch_size, seed, dev)
     names = list(dict.fromkeys([*BASELINES, *optimizers]))
-    runners = [_make_ours(n, work, seed, device=dev, autocast=autocast) for n in names]
+    runners = [_make_ours(n, work, seed, device=dev, autocast=autocast, lr_scale=lr_scale)
+               for n in names]
     runners += _peer_runners(list(peers or []), work, seed)
     if steps is None:
         steps = max(200, 2 * max(r.freq for r in runners))
@@ -530,6 +534,8 @@ def run_bench(
             "threads": torch.get_num_threads(),
             "device": str(dev),
             "autocast": autocast,
+            "lr_scale": lr_scale,
+            "finite": all(bool(torch.isfinite(p).all()) for p in r.model.parameters()),
         }
         if dev.type == "cuda":
             out[r.name]["max_cuda_alloc_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
@@ -602,6 +608,7 @@ def combine_repeats(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str
         if floors:
             row["floor_ratio"] = statistics.median(floors)
         row["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rs)
+        row["finite"] = all(r.get("finite", True) for r in rs)
         row["max_rss_mb"] = max(r["max_rss_mb"] for r in rs)
         row["ratio_vs_sgd_runs"] = [r["ratio_vs_sgd"] for r in rs]
         row["ratio_vs_adamw_runs"] = [r["ratio_vs_adamw"] for r in rs]
@@ -612,7 +619,7 @@ def combine_repeats(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     cols = ["statistics", "inverse", "precondition", "communication"]
-    w = max(14, *(len(k) for k in results))
+    w = max(14, *(len(k) + (0 if r.get("finite", True) else 7) for k, r in results.items()))
     head = (f"{'optimizer':<{w}} {'step ms':>9} {'cpu ms':>9} {'x sgd':>7} {'x adamw':>8} "
             f"{'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} "
             + " ".join(f"{c[:6] + ' ms':>9}" for c in cols)
@@ -631,8 +638,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             split = f"{ms('forward'):>8} {ms('backward'):>8} {ms('optimizer'):>8}"
         else:  # ASDL: one forward/backward/curvature/preconditioning call
             split = f"{'(all) ' + ms('forward_backward_precondition'):>17} {ms('optimizer'):>8}"
+        label = name if r.get("finite", True) else f"{name} (NaN!)"
         lines.append(
-            f"{name:<{w}} {1e3 * r['mean_step_s']:>9.2f} {1e3 * r['cpu_step_s']:>9.2f} "
+            f"{label:<{w}} {1e3 * r['mean_step_s']:>9.2f} {1e3 * r['cpu_step_s']:>9.2f} "
             f"{r['ratio_vs_sgd']:>7.2f} {r['ratio_vs_adamw']:>8.2f} {split} "
             + " ".join(f"{ms(c):>9}" for c in cols)
             + f" {_num(r.get('floor_ratio'), 6)} {r.get('excess_phase') or '-':>12}"
@@ -650,6 +658,13 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         f"process max RSS {any_r['max_rss_mb']:.0f} MB. asdl_* fold forward/backward/"
         "preconditioning into one phase."
     )
+    bad = [n for n, r in results.items() if not r.get("finite", True)]
+    if bad:
+        lines.append(
+            f"(NaN!): {', '.join(bad)} ended with non-finite parameters at lr scale "
+            f"{any_r.get('lr_scale', 1.0):g}: their times are NaN arithmetic, not a real step; "
+            "rerun with a smaller --lr-scale (e.g. 0.1 or 0.01)."
+        )
     if any(r.get("floor_ratio") for r in results.values()):
         rates = results.get("sgd", {}).get("rates", {})
         lines.append(
@@ -711,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"--{key.replace('_', '-')} must be >= 1, got {v}")
     if a.warmup < 0:
         return fail(f"--warmup must be >= 0, got {a.warmup}")
+    if not a.lr_scale > 0:
+        return fail(f"--lr-scale must be > 0, got {a.lr_scale}")
     torch.set_num_threads(a.threads)
     runs = []
     for i in range(a.repeat):
@@ -722,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=a.warmup, chunk=min(a.chunk, a.steps or a.chunk),
                 batch_size=a.batch_size, seed=a.seed, progress=not a.quiet, task=a.task,
                 device=a.device, autocast=a.autocast, floor=not a.no_floor,
+                lr_scale=a.lr_scale,
             ))
         except OptimizerConfigError as exc:
             return fail(f"--optimizers: {exc}")

@@ -57,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1,
                    help="run the whole benchmark N times in this process (fresh models each "
                         "time) and report medians with the ratio range (default 1)")
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="multiply every optimizer's bench lr (default 1; the bench repeats one "
+                        "fixed batch, so a workload whose loss is a sum may need 0.1 or 0.01 to "
+                        "keep every run finite: rows that end non-finite are flagged)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--quiet", action="store_true", help="no progress line")

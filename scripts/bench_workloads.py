@@ -33,23 +33,36 @@ def _slug(workload: str) -> str:
 
 
 def run_one(workload: str, optimizers: str, args: argparse.Namespace, out: Path) -> float:
+    """Bench one workload; while a row ends with non-finite parameters (the bench repeats one
+    fixed batch, so a large step can diverge and the time would be NaN arithmetic), run the
+    whole workload again, in one process as before, at a tenth of the lr scale."""
     kind, _, name = workload.partition(":")
     flag = "--model" if kind == "model" else "--task"
-    cmd = [sys.executable, "-m", "ngbench.runners.cli", "bench", flag, name,
-           "--optimizers", optimizers,
-           "--repeat", str(args.repeat), "--threads", str(args.threads),
-           "--json", str(out / f"{_slug(workload)}.json"), "--quiet"]
-    if args.steps:
-        cmd += ["--steps", str(args.steps)]
-    print("+ ngbench " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+    path = out / f"{_slug(workload)}.json"
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    scale = args.lr_scale
+    for attempt in range(args.retries + 1):
+        cmd = [sys.executable, "-m", "ngbench.runners.cli", "bench", flag, name,
+               "--optimizers", optimizers, "--lr-scale", f"{scale:g}",
+               "--repeat", str(args.repeat), "--threads", str(args.threads),
+               "--json", str(path), "--quiet"]
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
+        print("+ ngbench " + " ".join(cmd[3:]), file=sys.stderr, flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+        bad = [n for n, r in json.loads(path.read_text()).items() if not r.get("finite", True)]
+        if not bad:
+            break
+        print(f"bench_workloads: {workload}: non-finite at lr scale {scale:g}: "
+              f"{', '.join(bad)}" + ("; again at a tenth" if attempt < args.retries else ""),
+              file=sys.stderr, flush=True)
+        scale /= 10
     return time.perf_counter() - t0
 
 
 def table(out: Path) -> str:
-    lines = ["| workload | optimizer | step ms | x SGD | floor x SGD | excess in | "
-             "state MB | x SGD mem | floor MB |", "|---" * 9 + "|"]
+    lines = ["| workload | lr scale | optimizer | step ms | x SGD | floor x SGD | excess in | "
+             "state MB | x SGD mem | floor MB |", "|---" * 10 + "|"]
     for path in sorted(out.glob("*.json")):
         res = json.loads(path.read_text())
         for name, r in res.items():
@@ -59,8 +72,11 @@ def table(out: Path) -> str:
             ratio = f"{r['ratio_vs_sgd']:.2f}"
             if rng and len(rng) > 1:
                 ratio += f" ({min(rng):.2f}-{max(rng):.2f})"
+            if not r.get("finite", True):
+                ratio += " (NaN!)"
             lines.append(
-                f"| {r['model']} | {name} | {1e3 * r['mean_step_s']:.1f} | {ratio} | "
+                f"| {r['model']} | {r.get('lr_scale', 1.0):g} | {name} | "
+                f"{1e3 * r['mean_step_s']:.1f} | {ratio} | "
                 f"{f'{fl:.2f}' if fl else '-'} | {r.get('excess_phase') or '-'} | "
                 f"{r['peak_mem_mb']:.2f} | {r.get('mem_vs_sgd', 0):.1f} | "
                 f"{f'{mf:.2f}' if mf is not None else '-'} |")
@@ -76,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps (default bench's: 2 x the longest refresh period, >= 200)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr-scale", type=float, default=1.0, help="first lr scale of every workload")
+    p.add_argument("--retries", type=int, default=2,
+                   help="reruns of a workload at a tenth of the lr scale while a row is non-finite")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "workloads")
     p.add_argument("--table-only", action="store_true")
     a = p.parse_args(argv)

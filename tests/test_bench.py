@@ -229,3 +229,23 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
         assert rep["ratios"][model]["status"] == "ok"
         assert set(rep["ratios"][model]["results"]) == {"sgd", "adamw", "kfac"}
     assert "| kfac:approx=reduce | ok |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_diverging_row_is_flagged_and_a_smaller_lr_scale_keeps_it_finite(tmp_path, capsys):
+    """The bench repeats one fixed batch: on the autoencoder (a summed loss) SGD at the bench's
+    lr 0.01 turns NaN within ~30 steps, and a step on NaNs is not a real step. The row says so,
+    the table names it, and ``--lr-scale`` keeps every row finite."""
+    args = ["bench", "--task", "autoencoder", "--optimizers", "sgd", "--steps", "40",
+            "--warmup", "0", "--chunk", "10", "--threads", "1", "--no-floor", "--quiet"]
+    out = tmp_path / "big.json"
+    assert cli.main([*args, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["sgd"]["finite"] is False and res["sgd"]["lr_scale"] == 1.0
+    assert "sgd (NaN!)" in capsys.readouterr().out
+    out = tmp_path / "small.json"
+    assert cli.main([*args, "--lr-scale", "0.01", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert all(r["finite"] for r in res.values()) and res["adamw"]["lr_scale"] == 0.01
+    assert "NaN!" not in capsys.readouterr().out
+    assert cli.main([*args, "--lr-scale", "0"]) == 2
+    assert "--lr-scale must be > 0" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def test_every_optimizer_declares_a_space_whose_points_build(name):
         build_optimizer(name, net, **ss.fixed, **point)  # unknown keys / bad types raise
 
 
-@pytest.mark.parametrize("name", ["kfac", "ekfac", "tkfac", "tekfac"])
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "tkfac", "tekfac", "mbf", "ngplus", "sngd"])
 def test_kl_clipped_methods_search_their_step_length_knobs(name):
     keys = {d.key for d in search_space.load(name).dims}
     assert {"lr", "kl_clip", "damping"} <= keys
