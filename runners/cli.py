@@ -5,6 +5,8 @@
     ngbench bench [--model ...]             optimizer step-overhead benchmark
     ngbench data DATASET [--root DIR]       check or prepare a data set
     ngbench list {tasks,optimizers}         what is registered
+    ngbench leaderboard [PHASE ...]         the fair comparison (tune, calibrate, rerun, ...)
+    ngbench scaling --workload W [PHASE]    the batch-size scaling study
     ngbench --version
 
 Each subcommand has its own ``--help``; ``ngbench train --help`` lists every config group
@@ -157,12 +159,26 @@ def cmd_bench(argv: list[str]) -> int:
     return int(bench.main(argv) or 0)
 
 
+def cmd_leaderboard(argv: list[str]) -> int:
+    from . import leaderboard
+
+    return leaderboard.main(argv)
+
+
+def cmd_scaling(argv: list[str]) -> int:
+    from . import scaling
+
+    return int(scaling.main(argv) or 0)
+
+
 COMMANDS = {
     "train": cmd_train,
     "report": cmd_report,
     "bench": cmd_bench,
     "data": cmd_data,
     "list": cmd_list,
+    "leaderboard": cmd_leaderboard,
+    "scaling": cmd_scaling,
 }
 
 

@@ -740,7 +740,7 @@ SMOKE: dict[str, Any] = {
 
 def parse(argv: list[str] | None = None) -> tuple[list[str], Settings]:
     ap = argparse.ArgumentParser(
-        prog="python -m ngbench.runners.leaderboard",
+        prog="ngbench leaderboard",
         description="The fair comparison: tune every optimizer with the same number of "
         "quasi-random trials from its declared search space, calibrate targets on the tuned "
         "first-order baselines, rerun the best trials over seeds, score the no-tuning track, "

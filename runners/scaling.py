@@ -337,7 +337,7 @@ SMOKE: dict[str, Any] = {"optimizers": "adamw,kfac", "trials": 2, "seeds": 2, "s
 
 def parse(argv: list[str] | None = None) -> tuple[list[str], Study]:
     ap = argparse.ArgumentParser(
-        prog="python -m ngbench.runners.scaling",
+        prog="ngbench scaling",
         description="Batch-size scaling study: at every batch size, tune every optimizer with "
         "the leaderboard's search space (step-length knobs shifted by a declared scaling rule) "
         "and trial budget, rerun the best trial over seeds, and report steps/time to target vs "

@@ -172,7 +172,7 @@ def test_missing_full_dataset_names_path_and_fix(ngbench, tmp_path):
     assert "ngbench data curves" in p.stderr
 
 
-def test_list_and_data_and_help(ngbench):
+def test_list_and_data_and_help(ngbench, tmp_path):
     p = ngbench("list", "optimizers")
     assert p.returncode == 0 and "sgd" in p.stdout and "adamw" in p.stdout
     p = ngbench("list", "tasks")
@@ -199,9 +199,13 @@ def test_list_and_data_and_help(ngbench):
             assert ok, (name, d)
     p = ngbench("data", "nonexistent")
     assert p.returncode == 2 and "valid choices" in p.stderr
-    for sub in ("report", "list", "data", "train"):
+    for sub in ("report", "list", "data", "train", "leaderboard", "scaling"):
         p = ngbench(sub, "--help")
         assert p.returncode == 0 and "usage" in p.stdout.lower(), sub
+    p = ngbench("leaderboard", "plan", "--workloads", "dlrm", "--optimizers", "adamw",
+                "--trials", "2", "--runs-root", str(tmp_path / "lb"), "--out",
+                str(tmp_path / "lb_out"))
+    assert p.returncode == 0 and "tune          2 runs to do" in p.stdout, p.stdout + p.stderr
     assert ngbench("frobnicate").returncode == 2
     p = ngbench("--version")
     assert p.returncode == 0 and p.stdout.startswith("ngbench ")
