@@ -11,7 +11,6 @@ hold the mathematics.
 from __future__ import annotations
 
 import enum
-import io
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from _helpers import checkpoint_round_trip
 from ngbench import optimizers
 from ngbench.optimizers import Instrumented, OptimizerConfigError, build_optimizer, config_class
 from ngbench.optimizers._config import field_kinds, option_fields
@@ -122,21 +122,10 @@ def test_preset_files_hold_only_what_differs_from_the_defaults(path):
 @pytest.mark.parametrize("name", OPTS)
 def test_state_dict_round_trip_continues_identically(name):
     torch.manual_seed(0)
-    net = _net()
-    opt = build_optimizer(name, net, **_fast(name))
-    _train(net, opt, 3, seed=1)
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
-    net2 = _net()
-    net2.load_state_dict(ck["model"])
-    opt2 = build_optimizer(name, net2, **_fast(name))
-    opt2.load_state_dict(ck["opt"])
-    _train(net, opt, 3, seed=2)
-    _train(net2, opt2, 3, seed=2)
-    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
-        assert torch.equal(p, q), name
+    checkpoint_round_trip(
+        _net, lambda net: build_optimizer(name, net, **_fast(name)), None, None,
+        before=3, after=3, train=lambda net, opt, steps, phase: _train(net, opt, steps, 1 + phase),
+    )
 
 
 @pytest.mark.parametrize("name", OPTS)
