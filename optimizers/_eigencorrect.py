@@ -44,7 +44,6 @@ recompute the direction equals the Kronecker method's.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum, auto
@@ -61,7 +60,6 @@ from .base import CurvatureBlock, CurvatureConfig, CurvatureOptimizer, Schedule,
 
 __all__ = [
     "PROJECTION_DTYPES",
-    "SCALING_MODES",
     "DampingRule",
     "EigenCorrectedBlock",
     "EigenCorrectedOptimizer",
@@ -94,9 +92,6 @@ class ProjectionDtype(StrEnum):
     bfloat16 = "bfloat16"
 
 
-SCALING_MODES = tuple(Scalings)
-
-
 @dataclass(kw_only=True)
 class EigenCorrectedConfig(CurvatureConfig):
     """The eigen-corrected methods' options: the shared curvature options plus the scalings'
@@ -117,11 +112,11 @@ CHUNK_ELEMENTS = 1 << 19
 
 #: ``projection_dtype`` choices: the dtype the exact scalings' projections are multiplied in
 #: (they are always summed in the factor dtype)
-PROJECTION_DTYPES = {
-    "auto": None,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
+PROJECTION_DTYPES: dict[ProjectionDtype, torch.dtype | None] = {
+    ProjectionDtype.auto: None,
+    ProjectionDtype.float32: torch.float32,
+    ProjectionDtype.float64: torch.float64,
+    ProjectionDtype.bfloat16: torch.bfloat16,
 }
 
 
@@ -148,8 +143,13 @@ def resolve_projection_dtype(
     float32; the scalings stay float32 sums of the products), otherwise the factor dtype
     (float64 factors, as in the dense-reference tests, stay exact).
     """
-    _check_projection_dtype(choice)
-    dtype = PROJECTION_DTYPES[choice]
+    try:
+        dtype = PROJECTION_DTYPES[ProjectionDtype(choice)]
+    except ValueError:
+        raise ValueError(
+            f"optimizer.projection_dtype must be one of {', '.join(ProjectionDtype)}, "
+            f"got {choice!r}"
+        ) from None
     if dtype is not None:
         return dtype
     if factor_dtype == torch.float32 and native_bf16_matmul(device):
@@ -330,20 +330,20 @@ class EigenCorrectedBlock(CurvatureBlock):
         structure: FactorStructure,
         *,
         damping_rule: DampingRule = constant_damping,
-        scalings: str = "exact",
+        scalings: Scalings | str = Scalings.exact,
         scale_decay: float = 0.95,
-        projection_dtype: str = "auto",
+        projection_dtype: ProjectionDtype | str = ProjectionDtype.auto,
         flags: StepFlags | None = None,
     ) -> None:
-        _check_scaling_options(scalings, scale_decay, projection_dtype)
         #: owns the state (see the properties below), so it exists before the base class
         #: initialises that state
         self.structure = structure
         super().__init__(structure.layer)
         self.damping_rule = damping_rule
-        self.scalings = scalings
+        # the config classes validate the options for users; the block takes enums or values
+        self.scalings = Scalings(scalings)
         self.scale_decay = float(scale_decay)
-        self.projection_dtype = projection_dtype
+        self.projection_dtype = ProjectionDtype(projection_dtype)
         self.flags = flags if flags is not None else StepFlags()
         self.m = self.layer.out_dim
         self.n = self.layer.in_dim
@@ -509,8 +509,8 @@ class EigenCorrectedOptimizer(CurvatureOptimizer):
     config: EigenCorrectedConfig
 
     @property
-    def scalings(self) -> str:
-        return str(self.config.scalings)
+    def scalings(self) -> Scalings:
+        return self.config.scalings
 
     @property
     def scale_every(self) -> Schedule | None:
@@ -521,8 +521,8 @@ class EigenCorrectedOptimizer(CurvatureOptimizer):
         return float(self.config.scale_decay)
 
     @property
-    def projection_dtype(self) -> str:
-        return str(self.config.projection_dtype)
+    def projection_dtype(self) -> ProjectionDtype:
+        return self.config.projection_dtype
 
     @functools.cached_property
     def step_flags(self) -> StepFlags:
@@ -562,26 +562,3 @@ class EigenCorrectedOptimizer(CurvatureOptimizer):
             return super().step(closure)
         finally:
             self.step_flags.stepping = False
-
-
-def _check_scaling_options(scalings: str, scale_decay: float, projection_dtype: str) -> None:
-    if scalings not in SCALING_MODES:
-        raise ValueError(
-            f"optimizer.scalings must be one of {', '.join(SCALING_MODES)}, got {scalings!r}"
-        )
-    _check_decay("scale_decay", scale_decay)
-    _check_projection_dtype(projection_dtype)
-
-
-def _check_projection_dtype(choice: str) -> None:
-    if choice not in PROJECTION_DTYPES:
-        raise ValueError(
-            f"optimizer.projection_dtype must be one of {', '.join(PROJECTION_DTYPES)}, "
-            f"got {choice!r}"
-        )
-
-
-def _check_decay(key: str, value: Any) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or math.isnan(value) or not 0 <= value < 1:
-        raise ValueError(f"optimizer.{key} must be in [0, 1), got {value!r}")

@@ -50,9 +50,15 @@ from ._linalg import gram as _gram
 from ._linalg import safe_eigh, safe_inv
 from .base import CurvatureBlock
 
-__all__ = ["APPROXES", "DAMPING_FORMS", "Approx", "KroneckerBlock"]
+__all__ = ["Approx", "DampingForm", "KroneckerBlock"]
 
-DAMPING_FORMS = ("eigen", "factored_tikhonov", "inverse")
+
+class DampingForm(StrEnum):
+    """How the damping enters ``A ⊗ G`` (ALGORITHMS.md §0.5)."""
+
+    eigen = auto()
+    factored_tikhonov = auto()
+    inverse = auto()
 
 
 class Approx(StrEnum):
@@ -64,7 +70,6 @@ class Approx(StrEnum):
     reduce = auto()
 
 
-APPROXES = tuple(Approx)
 
 _DERIVED = ("dA", "QA", "dG", "QG", "scale", "Ainv", "Ginv")
 
@@ -76,19 +81,14 @@ class KroneckerBlock(CurvatureBlock):
         self,
         layer: LayerHelper,
         *,
-        damping_form: str = "eigen",
+        damping_form: DampingForm | str = DampingForm.eigen,
         pi_correction: bool = True,
-        approx: str = "expand",
+        approx: Approx | str = Approx.expand,
     ) -> None:
-        if damping_form not in DAMPING_FORMS:
-            raise ValueError(
-                f"optimizer.damping_form must be one of {', '.join(DAMPING_FORMS)}, "
-                f"got {damping_form!r}"
-            )
-        check_approx(approx)
         super().__init__(layer)
-        self.approx = approx
-        self.damping_form = damping_form
+        # the config classes validate these for users; the block takes the enums or their values
+        self.approx = Approx(approx)
+        self.damping_form = DampingForm(damping_form)
         self.pi_correction = bool(pi_correction)
         self.diagonal = layer.diagonal_input
         self.m = layer.out_dim
@@ -274,13 +274,6 @@ class KroneckerBlock(CurvatureBlock):
         if self.diagonal:
             inv_a = torch.diag(inv_a)
         return T * torch.kron(torch.linalg.inv(inv_g), torch.linalg.inv(inv_a))
-
-
-def check_approx(approx: str) -> None:
-    if approx not in APPROXES:
-        raise ValueError(
-            f"optimizer.approx must be one of {', '.join(APPROXES)}, got {approx!r}"
-        )
 
 
 def bias_bordered(a0: Tensor, s: Tensor, total: Tensor | float) -> Tensor:

@@ -66,4 +66,4 @@ class EKFAC(EigenCorrectedOptimizer):
 
     def make_block(self, layer: LayerHelper) -> EigenCorrectedBlock:
         # factors as K-FAC's (optimizers/kfac.py, ``approx``); the scalings stay exact
-        return self.corrected(KroneckerBlock(layer, approx=str(self.config.approx)))
+        return self.corrected(KroneckerBlock(layer, approx=self.config.approx))

@@ -33,22 +33,13 @@ Defaults and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum, auto
 
 from ._config import option
-from ._kronecker import Approx, KroneckerBlock
+from ._kronecker import Approx, DampingForm, KroneckerBlock
 from ._layers import LayerHelper
 from .base import CurvatureConfig, CurvatureOptimizer
 
 __all__ = ["KFAC", "DampingForm", "KFACConfig"]
-
-
-class DampingForm(StrEnum):
-    """How the damping enters ``A ⊗ G`` (ALGORITHMS.md §0.5)."""
-
-    eigen = auto()
-    factored_tikhonov = auto()
-    inverse = auto()
 
 
 @dataclass(kw_only=True)
@@ -73,7 +64,7 @@ class KFAC(CurvatureOptimizer):
     def make_block(self, layer: LayerHelper) -> KroneckerBlock:
         return KroneckerBlock(
             layer,
-            damping_form=str(self.config.damping_form),
+            damping_form=self.config.damping_form,
             pi_correction=self.config.pi_correction,
-            approx=str(self.config.approx),
+            approx=self.config.approx,
         )
