@@ -561,12 +561,13 @@ class Driver:
                 continue
             targets[wname] = {
                 "metric": tt.metric,
-                "value": float(f"{statistics.median(bests):.6g}"),
+                # exact: a rounded median could miss its own seed (2 of 3 must reach it)
+                "value": float(statistics.median(bests)),
                 "mode": tt.mode,
                 "from": f"{c.optimizer} {c.trial} "
                 + " ".join(knob_overrides(c.knobs)),
                 "seeds": len(bests),
-                "best_per_seed": [float(f"{b:.6g}") for b in bests],
+                "best_per_seed": [float(b) for b in bests],
                 "steps": self.s.steps or self.s.workloads[wname].steps,
                 "task_default": tt.value,
             }

@@ -151,7 +151,7 @@ class Study:
             knob_scale=knob_scale(self.rules, self.base.optimizers, batch, self.sw.ref_batch),
             # `True`, as Hydra's multirun writes it into overrides.yaml (the run cache's key)
             extra=(*self.base.extra, "train.stop_at_target=True",
-                   f"task.target={{metric:{t.metric},value:{t.value:.6g},mode:{t.mode}}}"),
+                   f"task.target={{metric:{t.metric},value:{t.value!r},mode:{t.mode}}}"),
         )
 
     def drivers(self) -> list[tuple[int, lb.Driver]]:

@@ -138,15 +138,18 @@ def test_smoke_leaderboard_end_to_end_and_resume(tmp_path):
     targets = yaml.safe_load((out / "targets.yaml").read_text())
     t = targets["targets"]["autoencoder"]
     assert t["metric"] == "full_train_loss" and t["seeds"] == 3
-    assert t["value"] == pytest.approx(statistics.median(t["best_per_seed"]), rel=1e-5)
+    assert t["value"] == statistics.median(t["best_per_seed"])  # exact: no rounding
     assert t["from"].startswith("adamw ") and "--smoke" in targets["command"]
     trials = pd.read_csv(out / "trials.csv")
     counts = trials.groupby(["phase", "optimizer"]).size().to_dict()
     assert counts == {("tune", "adamw"): 2, ("tune", "kfac"): 2, ("calibrate", "adamw"): 3,
                       ("rerun", "adamw"): 3, ("rerun", "kfac"): 3, ("defaults", "adamw"): 3,
                       ("defaults", "kfac"): 3}
-    # the target is the median of the calibration seeds' best: at least 2 of 3 reach it
+    # the target is the median of the calibration seeds' best: at least 2 of 3 reach it (with
+    # a target rounded to 6 digits the median seed itself could miss, session 5)
     assert trials.loc[trials["phase"] == "calibrate", "time_to_target_s"].notna().sum() >= 2
+    cal = trials[trials["phase"] == "calibrate"].sort_values("best")
+    assert cal["best"].iloc[1] == t["value"] and pd.notna(cal["time_to_target_s"].iloc[1])
     assert set(trials["threads"]) == {1} and set(trials["jobs"]) == {2}
     assert trials["calibrated"].all() and (trials["target"] == t["value"]).all()
     # a rerun's seed 0 is its trial: the same run folder
