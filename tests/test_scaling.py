@@ -16,6 +16,7 @@ import pytest
 from ngbench.runners import leaderboard as lb
 from ngbench.runners import scaling as sc
 from ngbench.runners import scaling_report as sr
+from ngbench.runners import search_space
 
 REPO = Path(__file__).resolve().parent.parent
 INF = math.inf
@@ -110,6 +111,10 @@ def test_every_registered_optimizer_has_a_rule_on_searched_knobs():
     for o in list_optimizers():
         r = sc.rule_for(rules, o)
         assert "lr" in r, o
+        # every searched step length follows B: a KL clip too (NG+, MBF, SNGD search it since
+        # session 5; a rule listing only the K-FAC family left theirs fixed)
+        searched = {d.key for d in search_space.load(o).dims}
+        assert ("kl_clip" in r) == ("kl_clip" in searched), o
 
 
 def test_summary_and_headline_against_adamw_at_its_own_best_batch():
