@@ -189,9 +189,12 @@ def test_second_ctrl_c_aborts_at_once_and_is_recorded(compose, tmp_path, monkeyp
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.SGD, "step", step)
+    # Python's default handler, or SIG_IGN when the test process was started in the background
+    # by a non-interactive shell (`cmd &` ignores SIGINT): the loop must put back what it found
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         loop.train(_cfg(compose, "train.steps=20", "train.checkpoint_every=0"), tmp_path / "run")
     rec = json.loads((tmp_path / "run" / "record.json").read_text())
     assert rec["status"] == "interrupted" and rec["error"].startswith("aborted by Ctrl-C at step 2")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # aborted: no new checkpoint
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
