@@ -219,7 +219,7 @@ def settings_of(opt: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("stat_every", "inv_every", "scale_every", "precondition_frequency",
                 "max_preconditioner_dim", "max_precond_dim", "approx", "scalings", "max_block",
-                "linear_block", "precondition_1d"):
+                "linear_block", "precondition_1d", "damping_form"):
         v = getattr(opt, key, d.get(key))
         if v is not None:
             out[key] = v
@@ -239,16 +239,22 @@ def _kron_stats(r: Rates, s: LayerShape, approx: str) -> float:
     return t
 
 
-def _kron_inverse(r: Rates, s: LayerShape) -> float:
-    return r.eigh(s.m) + (r.passes(s.n) if s.kind == "embedding" else r.eigh(s.n))
+def _kron_inverse(r: Rates, s: LayerShape, eigen: bool) -> float:
+    """``eigen``: both factors' eigendecompositions; the inverse damping forms
+    (``factored_tikhonov``, ``inverse``): two damped inverses (optimizers/_kronecker.py)."""
+    factor = r.eigh if eigen else (lambda n: r.binv(1, n))
+    return factor(s.m) + (r.passes(s.n) if s.kind == "embedding" else factor(s.n))
 
 
-def _kron_precondition(r: Rates, s: LayerShape) -> float:
+def _kron_precondition(r: Rates, s: LayerShape, eigen: bool) -> float:
+    """``eigen``: ``Q_G [(Q_Gᵀ V Q_A) ⊘ S] Q_Aᵀ``, four products and a scaling pass; the
+    inverse forms: ``G⁻¹ V A⁻¹``, two products."""
+    k = 2 if eigen else 1
     if s.kind == "embedding":
-        t = r.gemm(s.m, s.m, s.n) * 2
+        t = r.gemm(s.m, s.m, s.n) * k
     else:
-        t = (r.gemm(s.m, s.m, s.n) + r.gemm(s.m, s.n, s.n)) * 2
-    return t + r.passes(s.m * s.n, 3) + CALLS * r.call
+        t = (r.gemm(s.m, s.m, s.n) + r.gemm(s.m, s.n, s.n)) * k
+    return t + r.passes(s.m * s.n, 3 if eigen else 1) + CALLS * r.call
 
 
 def _projections(r: Rates, s: LayerShape) -> float:
@@ -304,10 +310,14 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
     if name in ("kfac", "ekfac", "tkfac", "tekfac"):
         approx = settings.get("approx", "expand") if name == "kfac" else "expand"
         scale = _every(settings.get("scale_every"), stat)
+        # EKFAC/TEKFAC precondition in the eigenbasis, TKFAC with two damped inverses
+        # (optimizers/tkfac.py), K-FAC as its damping_form says
+        eigen = name in ("ekfac", "tekfac") or (
+            name == "kfac" and str(settings.get("damping_form", "eigen")) == "eigen")
         for s in shapes:
             out["statistics"] += _kron_stats(r, s, approx) / stat
-            out["inverse"] += _kron_inverse(r, s) / inv
-            out["precondition"] += _kron_precondition(r, s)
+            out["inverse"] += _kron_inverse(r, s, eigen) / inv
+            out["precondition"] += _kron_precondition(r, s, eigen)
             if name in ("ekfac", "tekfac") and s.kind != "embedding":
                 out["statistics"] += _projections(r, s) / scale
             if name in ("tkfac", "tekfac"):  # per-example norms: O(N) extra work

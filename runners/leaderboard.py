@@ -308,11 +308,13 @@ def index_runs(runs_root: Path) -> dict[frozenset[str], Path]:
     return out
 
 
-def finished_runs(s: Settings) -> dict[frozenset[str], Path]:
+def finished_runs(
+    s: Settings, live: dict[frozenset[str], Path] | None = None
+) -> dict[frozenset[str], Path]:
     """Every finished run of ``s``: the archived copies committed under ``<out>/runs`` (so a
     fresh clone resumes from the committed records instead of running them again), overlaid by
-    the live folders under ``s.runs_root``."""
-    return {**index_runs(s.out / "runs"), **index_runs(s.runs_root)}
+    the live folders under ``s.runs_root`` (``live``: that index, already scanned)."""
+    return {**index_runs(s.out / "runs"), **(index_runs(s.runs_root) if live is None else live)}
 
 
 def pending_groups(
@@ -381,8 +383,9 @@ def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[froze
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
-    archive(s, index_runs(s.runs_root))
-    return finished_runs(s)
+    live = index_runs(s.runs_root)  # one scan serves the archive and the returned index
+    archive(s, live)
+    return finished_runs(s, live)
 
 
 def archive(s: Settings, index: dict[frozenset[str], Path], *, commit: bool = True) -> None:

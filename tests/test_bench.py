@@ -180,6 +180,16 @@ def test_cost_model_shapes_reduce_and_memory_floor():
     # conv Grams over N rows instead of N·T; the pass over the N·T patches stays
     assert reduce["statistics"] < expand["statistics"] / 4
     assert reduce["precondition"] == expand["precondition"]
+    # the inverse damping forms: G⁻¹ V A⁻¹ (two products, not four) and two inverses, no eigh
+    tik = costmodel.predict("kfac", {"stat_every": 1, "damping_form": "factored_tikhonov"},
+                            shape_list, rates, params)
+    gemms = sum(rates.gemm(s.m, s.m, s.n) + rates.gemm(s.m, s.n, s.n) for s in shape_list)
+    assert expand["precondition"] - tik["precondition"] == pytest.approx(
+        gemms + sum(rates.passes(s.m * s.n, 2) for s in shape_list))
+    assert tik["inverse"] == pytest.approx(
+        sum(rates.binv(1, s.m) + rates.binv(1, s.n) for s in shape_list))
+    tk = costmodel.predict("tkfac", {"stat_every": 1}, shape_list, rates, params)
+    assert tk["precondition"] == tik["precondition"]
     assert costmodel.predict("nope", {}, shape_list, rates, params) is None
     # MBF's per-kernel blocks and their inverses: 2·k² × the conv weights (optimizers/mbf.py)
     conv_w = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
