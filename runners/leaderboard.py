@@ -45,9 +45,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +208,7 @@ def trial_points(s: Settings, w: Workload, optimizer: str) -> list[dict[str, Any
 
 LIVE: set[subprocess.Popen] = set()  # running `ngbench train` processes (stopped on SIGTERM)
 STOPPING: list[bool] = []  # non-empty once interrupted: no new process starts
+_ARCHIVE = threading.Lock()  # drivers may run side by side (the scaling study's batch sizes)
 
 
 def stop_children(grace_s: float = 15.0) -> None:
@@ -331,11 +334,14 @@ def pending_groups(
     return groups
 
 
-def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[frozenset[str], Path]:
+def run_cells(s: Settings, cells: list[Cell], *, log: Any = print,
+              slots: threading.Semaphore | None = None) -> dict[frozenset[str], Path]:
     """Run the seeds of ``cells`` that have no finished folder yet and return the index of
     finished runs afterwards. Cells that differ only in their trial share one ``ngbench train
     -m`` process (one start-up for all the trials of an optimizer); ``s.jobs`` processes run at
-    a time, each with one torch thread."""
+    a time, each with one torch thread. ``slots``: a semaphore shared by several ``run_cells``
+    running side by side (threads), so that together they start at most its count of
+    processes."""
     index = finished_runs(s)
     groups = pending_groups(cells, index)
     n_runs = sum(len(k[-1]) * len(v) for k, v in groups.items())
@@ -360,16 +366,18 @@ def run_cells(s: Settings, cells: list[Cell], *, log: Any = print) -> dict[froze
             "hydra/job_logging=none", "hydra/hydra_logging=none",
         ]
         tag = hashlib.sha1(" ".join(cmd).encode()).hexdigest()[:10]
-        t0 = time.perf_counter()
-        if STOPPING:
-            return "(not started: stopping)", -1, 0.0
-        with open(logs / f"{phase}_{workload}_{optimizer}_{tag}.log", "w") as f:
-            f.write(" ".join(cmd) + "\n")
-            f.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-            LIVE.add(proc)
-            proc.wait()
-            LIVE.discard(proc)
+        with slots or nullcontext():
+            t0 = time.perf_counter()
+            if STOPPING:
+                return "(not started: stopping)", -1, 0.0
+            with open(logs / f"{phase}_{workload}_{optimizer}_{tag}.log", "w") as f:
+                f.write(" ".join(cmd) + "\n")
+                f.flush()
+                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f,
+                                        stderr=subprocess.STDOUT)
+                LIVE.add(proc)
+                proc.wait()
+                LIVE.discard(proc)
         what = f"{workload}/{optimizer}: {len(group)} x {len(seeds)} runs"
         return what, proc.returncode, time.perf_counter() - t0
 
@@ -396,6 +404,17 @@ def archive(s: Settings, index: dict[frozenset[str], Path], *, commit: bool = Tr
     root = Path(s.runs_root)
     if dest_root.resolve() == root.resolve():
         return
+    with _ARCHIVE:
+        _copy_records(index, root, dest_root)
+    if s.git_commit and commit:
+        subprocess.run(["git", "add", str(s.out)], cwd=REPO, check=False)
+        subprocess.run(
+            ["git", "commit", "-q", "-m", f"leaderboard: raw run records ({len(index)} runs)",
+             "--", str(s.out)], cwd=REPO, check=False,
+        )
+
+
+def _copy_records(index: dict[frozenset[str], Path], root: Path, dest_root: Path) -> None:
     for folder in index.values():
         try:
             rel = folder.relative_to(root)
@@ -412,12 +431,6 @@ def archive(s: Settings, index: dict[frozenset[str], Path], *, commit: bool = Tr
         if ov.exists():
             shutil.copy2(ov, dest / "overrides.yaml")
         shutil.copy2(folder / records.RECORD, dest / records.RECORD)  # last: marks it complete
-    if s.git_commit and commit:
-        subprocess.run(["git", "add", str(s.out)], cwd=REPO, check=False)
-        subprocess.run(
-            ["git", "commit", "-q", "-m", f"leaderboard: raw run records ({len(index)} runs)",
-             "--", str(s.out)], cwd=REPO, check=False,
-        )
 
 
 # -- scoring one run against a target ------------------------------------------------
@@ -514,16 +527,21 @@ def _rows(cells: list[Cell], index: dict[frozenset[str], Path], target_of: Any) 
 
 # -- the phases ------------------------------------------------------------------------
 class Driver:
-    def __init__(self, s: Settings, log: Any = print):
+    def __init__(self, s: Settings, log: Any = print,
+                 slots: threading.Semaphore | None = None):
         self.s, self.log = s, log
+        self.slots = slots  # shared with drivers running beside this one (run_cells)
         self.index: dict[frozenset[str], Path] = {}
+
+    def _run(self, cells: list[Cell]) -> dict[frozenset[str], Path]:
+        return run_cells(self.s, cells, log=self.log, slots=self.slots)
 
     def all_tune_cells(self) -> list[Cell]:
         return [c for w in self.s.workloads.values() for o in self.s.optimizers
                 for c in tune_cells(self.s, w, o)]
 
     def tune(self) -> None:
-        self.index = run_cells(self.s, self.all_tune_cells(), log=self.log)
+        self.index = self._run(self.all_tune_cells())
 
     def _tune_rows(self, workload: str, optimizers: Iterable[str], target: Target | None):
         w = self.s.workloads[workload]
@@ -549,7 +567,7 @@ class Driver:
     def calibrate(self) -> dict[str, dict[str, Any]]:
         self.index = finished_runs(self.s)
         cells = self.calibration_cells()
-        self.index = run_cells(self.s, list(cells.values()), log=self.log)
+        self.index = self._run(list(cells.values()))
         import statistics
 
         targets = read_targets(self.s.targets_file)
@@ -602,14 +620,14 @@ class Driver:
 
     def rerun(self) -> None:
         self.index = finished_runs(self.s)
-        self.index = run_cells(self.s, self.best_trials(), log=self.log)
+        self.index = self._run(self.best_trials())
 
     def defaults_cells(self) -> list[Cell]:
         return [default_cell(self.s, w, o) for w in self.s.workloads.values()
                 for o in self.s.optimizers]
 
     def defaults(self) -> None:
-        self.index = run_cells(self.s, self.defaults_cells(), log=self.log)
+        self.index = self._run(self.defaults_cells())
 
     def trial_table(self) -> list[dict[str, Any]]:
         """Every run of the comparison, scored against its workload's calibrated target (the

@@ -31,6 +31,8 @@ import argparse
 import math
 import signal
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -154,29 +156,51 @@ class Study:
                    f"task.target={{metric:{t.metric},value:{t.value!r},mode:{t.mode}}}"),
         )
 
-    def drivers(self) -> list[tuple[int, lb.Driver]]:
+    def drivers(self, slots: threading.Semaphore | None = None) -> list[tuple[int, lb.Driver]]:
         """One leaderboard driver per batch size, ranking trials against the study's target
-        (``<out>/target.yaml`` records it; the ranking does not read it back)."""
+        (``<out>/target.yaml`` records it; the ranking does not read it back); ``slots``: the
+        job slots they share when they run side by side."""
         out = []
         for b in self.sw.batch_sizes:
-            d = lb.Driver(self.settings(b), log=print)
+            d = lb.Driver(self.settings(b), log=_prefixed(f"[B={b}] "), slots=slots)
             # one fixed target for every workload (a per-instance override of the method)
             d.target = lambda workload: self.target  # type: ignore[method-assign]
             out.append((b, d))
         return out
 
 
+def _prefixed(prefix: str) -> Any:
+    return lambda msg: print("\n".join(prefix + line for line in str(msg).splitlines()),
+                             flush=True)
+
+
 # -- the phases ------------------------------------------------------------------------
-def tune(st: Study) -> None:
-    for b, d in st.drivers():
-        print(f"-- batch size {b}: {st.steps(b)} steps", flush=True)
-        d.tune()
+def run_phases(st: Study, phases: list[str]) -> None:
+    """``tune`` then ``rerun`` (those of ``phases``) at every batch size, the batch sizes side
+    by side: one thread per batch size, all sharing ``--jobs`` process slots. A batch size's
+    rerun starts as soon as its own tuning ends, and a slot a batch size leaves idle (its last,
+    longest process still running) goes to another batch size's runs: with stop-at-target the
+    run times are too uneven to order the processes well in advance."""
+    slots = threading.BoundedSemaphore(st.base.jobs)
 
+    def one(b: int, d: lb.Driver) -> None:
+        if "tune" in phases:
+            d.log(f"tune: {st.steps(b)} steps")
+            d.tune()
+        if "rerun" in phases:
+            d.rerun()
 
-def rerun(st: Study) -> None:
-    for b, d in st.drivers():
-        print(f"-- batch size {b}", flush=True)
-        d.rerun()
+    drivers = st.drivers(slots)
+    pool = ThreadPoolExecutor(max_workers=len(drivers))
+    try:
+        for f in [pool.submit(one, b, d) for b, d in drivers]:
+            f.result()
+    except KeyboardInterrupt:
+        lb.stop_children()  # before waiting: the threads wait on their processes
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+
 
 
 def trial_rows(st: Study) -> list[dict[str, Any]]:
@@ -441,11 +465,16 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
-    steps = {"tune": tune, "rerun": rerun, "report": report, "plan": plan}
+    steps = {"report": report, "plan": plan}
     try:
+        runs = [p for p in phases if p in ("tune", "rerun")]
+        if runs:
+            print(f"== {' + '.join(runs)}", flush=True)
+            run_phases(st, runs)
         for phase in phases:
-            print(f"== {phase}", flush=True)
-            steps[phase](st)
+            if phase in steps:
+                print(f"== {phase}", flush=True)
+                steps[phase](st)
     except KeyboardInterrupt:
         lb.stop_children()
         print("scaling: interrupted; run the same command again to resume", file=sys.stderr)

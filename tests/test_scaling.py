@@ -9,6 +9,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -181,6 +183,40 @@ def test_smoke_scaling_end_to_end_and_resume(tmp_path):
     plan = subprocess.run([*cmd, "plan"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert "total: 0 runs in 0 processes" in plan.stdout, plan.stdout + plan.stderr
+
+
+def test_batch_sizes_run_side_by_side_within_the_job_slots(tmp_path, monkeypatch):
+    """The batch sizes' drivers share ``--jobs`` process slots: never more than 2 processes,
+    and a batch size's process starts while another batch size's is still running."""
+    _, st = sc.parse(["--smoke", "--runs-root", str(tmp_path / "runs"),
+                      "--out", str(tmp_path / "out")])
+    real, lock = subprocess.Popen, threading.Lock()
+    live: list[str] = []
+    seen: list[set[str]] = []
+
+    class Fake:  # an `ngbench train -m` process that runs 0.3 s and makes no run
+        returncode = 0
+
+        def __init__(self, cmd, **kw):
+            self.b = next(a for a in cmd if a.startswith("train.batch_size="))
+            with lock:
+                live.append(self.b)
+                seen.append(set(live) | {f"n={len(live)}"})
+
+        def wait(self, timeout=None):
+            time.sleep(0.3)
+            with lock:
+                live.remove(self.b)
+            return 0
+
+    def popen(cmd, *a, **kw):
+        return Fake(cmd) if "ngbench.runners.cli" in cmd else real(cmd, *a, **kw)
+
+    monkeypatch.setattr(lb.subprocess, "Popen", popen)
+    sc.run_phases(st, ["tune"])
+    assert len(seen) == 4  # 2 batch sizes x (adamw, kfac), one process each
+    assert max(int(next(x for x in s if x.startswith("n="))[2:]) for s in seen) == st.base.jobs
+    assert any({"train.batch_size=50", "train.batch_size=100"} <= s for s in seen), seen
 
 
 def test_target_comes_from_the_leaderboard_or_the_command_line(tmp_path):
