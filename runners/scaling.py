@@ -187,7 +187,7 @@ def run_phases(st: Study, phases: list[str]) -> None:
         if "tune" in phases:
             d.log(f"tune: {st.steps(b)} steps")
             d.tune()
-        if "rerun" in phases:
+        if "rerun" in phases and not lb.STOPPING:
             d.rerun()
 
     drivers = st.drivers(slots)
