@@ -61,8 +61,8 @@ def run_one(workload: str, optimizers: str, args: argparse.Namespace, out: Path)
 
 
 def table(out: Path) -> str:
-    lines = ["| workload | lr scale | optimizer | step ms | x SGD | floor x SGD | excess in | "
-             "state MB | x SGD mem | floor MB |", "|---" * 10 + "|"]
+    lines = ["| workload | lr scale | optimizer | step ms | x SGD | floor x SGD | ÷ floor | "
+             "excess in | state MB | x SGD mem | floor MB |", "|---" * 11 + "|"]
     for path in sorted(out.glob("*.json")):
         res = json.loads(path.read_text())
         for name, r in res.items():
@@ -74,10 +74,11 @@ def table(out: Path) -> str:
                 ratio += f" ({min(rng):.2f}-{max(rng):.2f})"
             if not r.get("finite", True):
                 ratio += " (NaN!)"
+            over = f"{r['ratio_vs_sgd'] / fl:.2f}" if fl else "-"  # measured ÷ floor
             lines.append(
                 f"| {r['model']} | {r.get('lr_scale', 1.0):g} | {name} | "
                 f"{1e3 * r['mean_step_s']:.1f} | {ratio} | "
-                f"{f'{fl:.2f}' if fl else '-'} | {r.get('excess_phase') or '-'} | "
+                f"{f'{fl:.2f}' if fl else '-'} | {over} | {r.get('excess_phase') or '-'} | "
                 f"{r['peak_mem_mb']:.2f} | {r.get('mem_vs_sgd', 0):.1f} | "
                 f"{f'{mf:.2f}' if mf is not None else '-'} |")
     return "\n".join(lines) + "\n"

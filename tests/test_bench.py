@@ -4,6 +4,10 @@ CLI entry; the JSON schema and the ratio bookkeeping (no timing assertions)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,10 +222,6 @@ def test_kfac_memory_floor_is_a_tight_lower_bound():
 
 
 def test_gpu_check_dry_run_end_to_end(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(root)}
@@ -259,3 +259,25 @@ def test_a_diverging_row_is_flagged_and_a_smaller_lr_scale_keeps_it_finite(tmp_p
     assert "NaN!" not in capsys.readouterr().out
     assert cli.main([*args, "--lr-scale", "0"]) == 2
     assert "--lr-scale must be > 0" in capsys.readouterr().err
+
+
+def test_bench_workloads_script_writes_the_table(tmp_path):
+    """``scripts/bench_workloads.py`` on one workload, short: its JSON per workload and the
+    markdown table with the measured ratio, the floor ratio and measured ÷ floor."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "workloads"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_workloads.py", "--workloads", "model:small_cnn",
+         "--optimizers", "sgd,kfac:approx=reduce", "--repeat", "1", "--steps", "6",
+         "--threads", "1", "--out", str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "small_cnn.json").read_text())
+    row = next(line for line in (tmp_path / "workloads.md").read_text().splitlines()
+               if "| kfac:approx=reduce |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    r = res["kfac:approx=reduce"]
+    assert float(cells[5]) == pytest.approx(r["floor_ratio"], abs=0.006)
+    assert float(cells[6]) == pytest.approx(r["ratio_vs_sgd"] / r["floor_ratio"], abs=0.006)
+    assert cells[7] == r["excess_phase"]
