@@ -39,6 +39,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda")
     p.add_argument("--autocast", default=None, choices=sorted(AUTOCAST),
                    help="run forward and loss under torch.autocast with this dtype")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="time denormal arithmetic as it comes (default: flush denormals to "
+                        "zero on the CPU; the bench repeats one batch, and a method that "
+                        "memorises it drives the loss to ~1e-6 and its gradients into the "
+                        "denormal range, where a CPU step costs 1.3-2x)")
     p.add_argument("--no-floor", action="store_true",
                    help="skip the cost model (floor ratio, excess phase, memory floor)")
     p.add_argument("--optimizers", type=csv_list, default=["sgd", "adamw", "kfac"],

@@ -216,11 +216,14 @@ def _every(value: Any, default: int) -> int:
 def settings_of(opt: Any) -> dict[str, Any]:
     """Schedule settings the model needs, read from a built optimizer."""
     d = dict(getattr(opt, "defaults", {}) or {})
+    cfg = getattr(opt, "config", None)  # the optimizer's config dataclass (optimizers/_config)
     out: dict[str, Any] = {}
     for key in ("stat_every", "inv_every", "scale_every", "precondition_frequency",
                 "max_preconditioner_dim", "max_precond_dim", "approx", "scalings", "max_block",
                 "linear_block", "precondition_1d", "damping_form"):
-        v = getattr(opt, key, d.get(key))
+        v = getattr(opt, key, None)
+        if v is None:
+            v = getattr(cfg, key, d.get(key))
         if v is not None:
             out[key] = v
     return out
@@ -308,7 +311,7 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
     stat = _every(settings.get("stat_every"), 1)
     inv = _every(settings.get("inv_every"), 1)
     if name in ("kfac", "ekfac", "tkfac", "tekfac"):
-        approx = settings.get("approx", "expand") if name == "kfac" else "expand"
+        approx = settings.get("approx", "expand") if name in ("kfac", "ekfac") else "expand"
         scale = _every(settings.get("scale_every"), stat)
         # EKFAC/TEKFAC precondition in the eigenbasis, TKFAC with two damped inverses
         # (optimizers/tkfac.py), K-FAC as its damping_form says

@@ -194,6 +194,14 @@ def test_cost_model_shapes_reduce_and_memory_floor():
         sum(rates.binv(1, s.m) + rates.binv(1, s.n) for s in shape_list))
     tk = costmodel.predict("tkfac", {"stat_every": 1}, shape_list, rates, params)
     assert tk["precondition"] == tik["precondition"]
+    # what the bench passes: the settings read from a built optimizer, its config included
+    from ngbench.optimizers import build_optimizer
+
+    opt = build_optimizer("kfac", model, lr=1e-3, approx="reduce",
+                          damping_form="factored_tikhonov", stat_every=1)
+    built = costmodel.predict("kfac", costmodel.settings_of(opt), shape_list, rates, params)
+    assert built["precondition"] == tik["precondition"]
+    assert built["statistics"] == reduce["statistics"]
     assert costmodel.predict("nope", {}, shape_list, rates, params) is None
     # MBF's per-kernel blocks and their inverses: 2·k² × the conv weights (optimizers/mbf.py)
     conv_w = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -281,3 +289,25 @@ def test_bench_workloads_script_writes_the_table(tmp_path):
     assert float(cells[5]) == pytest.approx(r["floor_ratio"], abs=0.006)
     assert float(cells[6]) == pytest.approx(r["ratio_vs_sgd"] / r["floor_ratio"], abs=0.006)
     assert cells[7] == r["excess_phase"]
+
+
+def test_denormals_are_flushed_during_the_bench_only(tmp_path, monkeypatch):
+    """A method that memorises the bench's one batch drives its gradients into the denormal
+    range; the bench flushes them to zero (recorded per row) and restores torch's default."""
+    tiny = torch.tensor([1e-39])
+    args = ["bench", "--optimizers", "sgd", "--steps", "2", "--warmup", "0", "--chunk", "2",
+            "--threads", "1", "--no-floor", "--quiet"]
+    seen: list[bool] = []
+    real = bench._run_bench
+
+    def spy(**kw):
+        seen.append(bool((tiny * 1.0).item() == 0.0))  # flushed inside the bench
+        return real(**kw)
+
+    monkeypatch.setattr(bench, "_run_bench", spy)
+    assert cli.main([*args, "--json", str(tmp_path / "a.json")]) == 0
+    assert cli.main([*args, "--keep-denormals", "--json", str(tmp_path / "b.json")]) == 0
+    assert seen == [True, False]
+    assert (tiny * 1.0).item() != 0.0  # restored after
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["sgd"]["flush_denormal"] is True and b["sgd"]["flush_denormal"] is False
