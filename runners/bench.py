@@ -161,7 +161,7 @@ def task_workload(text: str, batch_size: int | None, seed: int,
     """The tiny flavor of a task (``name[:key=value...]`` sets ``task.<key>``): its model,
     loss and first training batch of epoch 0 (the train config's batch size by default)."""
     from ngbench.tasks import build_task
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
 
     name, overrides = parse_variant(text)
     path = CONFIG_DIR / "task" / f"{name}.yaml"
@@ -172,16 +172,19 @@ def task_workload(text: str, batch_size: int | None, seed: int,
 
     from ngbench.tasks.config import TASK_CONFIGS
 
-    cfg = OmegaConf.load(path)  # the preset's differences: data_root, the train budget
-    if not isinstance(cfg, DictConfig):
-        raise BenchError(f"{path}: a task preset must be a mapping, got a list")
-    cfg.task = OmegaConf.merge({"name": name}, cfg.get("task") or {})
     keys = [f.name for f in dataclasses.fields(TASK_CONFIGS[name]) if f.name != "name"]
-    for key, value in overrides.items():
+    for key in overrides:
         if key not in keys:
             raise BenchError(f"--task {text!r}: task.{key} is not a key of task {name!r} "
                              f"(tasks/config.py); valid keys: {', '.join(keys)}")
-        cfg.task[key] = value
+    # the config `ngbench train task=<name>` composes (schema defaults, preset, train budget)
+    from hydra import compose, initialize_config_dir
+
+    from . import train  # noqa: F401  (registers the schemas and resolvers)
+
+    pairs = [f"task.{pair}" for pair in text.split(":")[1:]]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose("train", overrides=[f"task={name}", "optimizer=sgd", *pairs])
     # a config's keys are strings
     resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     task = build_task(resolved["task"])

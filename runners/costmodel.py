@@ -226,6 +226,10 @@ def settings_of(opt: Any) -> dict[str, Any]:
             v = getattr(cfg, key, d.get(key))
         if v is not None:
             out[key] = v
+    kinds = {n: b.kind for n, b in (getattr(opt, "blocks", None) or {}).items()
+             if isinstance(getattr(b, "kind", None), str)}
+    if kinds:  # SNGD's metric per layer: input (shared), unit (per output unit) or diag
+        out["block_kinds"] = kinds
     return out
 
 
@@ -349,6 +353,27 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
             out["inverse"] += r.eigh(s.m) / inv
             out["precondition"] += r.gemm(s.m, s.m, s.n) + CALLS * r.call
         return out
+    if name == "sngd":
+        for s in shapes:
+            kind = _sngd_kind(s, settings)
+            rows = s.N * s.T
+            if kind == "diag":  # token frequencies
+                out["statistics"] += r.passes(rows) / stat
+                out["inverse"] += r.passes(s.n) / inv
+                out["precondition"] += r.passes(s.m * s.n)
+            elif kind == "input":  # M = E[x̃x̃ᵀ] over the (unfolded) input rows
+                copy = r.passes(rows * s.n) if s.T > 1 else 0.0
+                out["statistics"] += (r.gemm(s.n, rows, s.n) + copy) / stat
+                out["inverse"] += r.binv(1, s.n) / inv
+                out["precondition"] += r.gemm(s.m, s.n, s.n)
+            else:  # unit: M_j = E[ψ_j x̃x̃ᵀ], the upper triangles of all m units in one GEMM
+                tri = s.n * (s.n + 1) // 2
+                out["statistics"] += (r.gemm(rows, s.n, s.m) + r.passes(rows * tri)
+                                      + r.gemm(s.m, rows, tri)) / stat
+                out["inverse"] += r.binv(s.m, s.n) / inv
+                out["precondition"] += r.bmm(s.m, s.n, s.n, 1)
+            out["precondition"] += CALLS * r.call
+        return out
     if name == "mbf" and settings.get("linear_block", "row") == "row":
         for s in shapes:
             if s.kind == "embedding":
@@ -389,6 +414,11 @@ def memory_floor(name: str, settings: dict[str, Any], shapes: list[LayerShape],
     if name == "ngplus":  # an m×m factor and its inverse, or the N·T-sized SMW kernel
         return (sum(2 * min(s.m, s.N * s.T) ** 2 for s in shapes if s.kind != "embedding")
                 + params) * bytes_per
+    if name == "sngd":  # each metric and its inverse
+        for s in shapes:
+            kind = _sngd_kind(s, settings)
+            total += 2 * (s.n if kind == "diag" else s.n * s.n * (s.m if kind == "unit" else 1))
+        return (total + params) * bytes_per
     if name == "mbf" and settings.get("linear_block", "row") == "row":
         for s in shapes:
             if s.kind != "embedding":
@@ -396,6 +426,14 @@ def memory_floor(name: str, settings: dict[str, Any], shapes: list[LayerShape],
                 total += 2 * b * k * k  # running blocks and their inverses
         return (total + params) * bytes_per
     return None
+
+
+def _sngd_kind(s: LayerShape, settings: dict[str, Any]) -> str:
+    """The metric SNGD built for a layer (``block_kinds`` read from the optimizer by
+    :func:`settings_of`; the shared input metric when unknown)."""
+    if s.kind == "embedding":
+        return "diag"
+    return str(settings.get("block_kinds", {}).get(s.name, "input"))
 
 
 def _mini_blocks(s: LayerShape, settings: dict[str, Any]) -> tuple[int, int]:

@@ -138,6 +138,25 @@ def test_task_workload_through_the_cli(tmp_path, capsys):
     assert "does not cover one refresh period of kfac (every 100)" in err  # issue 15 item 7
 
 
+@pytest.mark.parametrize("task", ["autoencoder", "resnet", "transformer", "schnet",
+                                  "recommender"])
+def test_every_task_benches_with_the_config_train_composes(task, tmp_path):
+    """The bench builds each tiny flavor from the config ``ngbench train task=<name>``
+    composes (the transformer's train budget interpolates the schema's ``task.flavor``, which
+    a bare load of its YAML does not have), and trains its default batch."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--task", task, "--optimizers", "sgd", "--steps", "1",
+                     "--warmup", "0", "--chunk", "1", "--threads", "1", "--no-floor",
+                     "--json", str(out), "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    assert res["sgd"]["finite"] and res["sgd"]["batch_size"] > 1
+    if task == "transformer":
+        from ngbench.tasks.config import task_config
+
+        tiny = task_config({"name": task}).train_by_flavor["tiny"]
+        assert res["sgd"]["batch_size"] == tiny["batch_size"]
+
+
 def test_bad_task_names_the_choices(capsys):
     assert bench.main(["--task", "nope"]) == 2
     assert "autoencoder" in capsys.readouterr().err
@@ -202,6 +221,18 @@ def test_cost_model_shapes_reduce_and_memory_floor():
     built = costmodel.predict("kfac", costmodel.settings_of(opt), shape_list, rates, params)
     assert built["precondition"] == tik["precondition"]
     assert built["statistics"] == reduce["statistics"]
+    # SNGD: the first and last layers (and convs) share the input metric, hidden Linear layers
+    # get one n×n metric per output unit (optimizers/sngd.py)
+    sngd = build_optimizer("sngd", model, lr=1e-3, stat_every=1, inv_every=1)
+    st = costmodel.settings_of(sngd)
+    assert st["block_kinds"] == {"conv1": "input", "conv2": "input", "conv3": "input",
+                                 "fc1": "unit", "fc2": "input"}
+    pred = costmodel.predict("sngd", st, shape_list, rates, params)
+    fc1 = shapes["fc1"]
+    assert pred["inverse"] == pytest.approx(
+        rates.binv(fc1.m, fc1.n) + sum(rates.binv(1, s.n) for s in shape_list if s.name != "fc1"))
+    assert costmodel.memory_floor("sngd", st, shape_list, params) == 4 * (
+        params + 2 * fc1.m * fc1.n**2 + sum(2 * s.n**2 for s in shape_list if s.name != "fc1"))
     assert costmodel.predict("nope", {}, shape_list, rates, params) is None
     # MBF's per-kernel blocks and their inverses: 2·k² × the conv weights (optimizers/mbf.py)
     conv_w = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
