@@ -22,12 +22,13 @@ optimizer's state memory beside SGD's momentum and AdamW's moments.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -447,141 +448,124 @@ def run_bench(
     it drives its gradients into the denormal range, and the time would be the CPU's slow
     denormal path instead of the method's arithmetic (K-FAC-reduce with factored Tikhonov
     damping on the small CNN: a backward of 92 ms instead of 46)."""
-    flushed = torch.set_flush_denormal(flush_denormal)  # False where the CPU cannot
-    try:
-        out = _run_bench(
-            model=model, optimizers=optimizers, peers=peers, steps=steps, warmup=warmup,
-            chunk=chunk, batch_size=batch_size, seed=seed, progress=progress, task=task,
-            device=device, autocast=autocast, floor=floor, errors=errors, lr_scale=lr_scale)
-    finally:
-        torch.set_flush_denormal(False)  # torch's default
-    for row in out.values():
-        row["flush_denormal"] = bool(flush_denormal and flushed)
-    return out
+    with _flushed_denormals(flush_denormal) as flushed:
+        dev = torch.device(device)
+        if task is not None:
+            work = task_workload(task, batch_size, seed, dev)
+        else:
+            work = model_workload(str(model), batch_size, seed, dev)
+        names = list(dict.fromkeys([*BASELINES, *optimizers]))
+        runners = [_make_ours(n, work, seed, device=dev, autocast=autocast, lr_scale=lr_scale)
+                   for n in names]
+        runners += _peer_runners(list(peers or []), work, seed)
+        if steps is None:
+            steps = max(200, 2 * max(r.freq for r in runners))
+        rounds = math.ceil(steps / chunk)
+        steps = rounds * chunk
+        short = [f"{r.name} (every {r.freq})" for r in runners if r.freq > steps]
+        if short:
+            print(f"ngbench bench: warning: --steps {steps} does not cover one refresh period of "
+                  f"{', '.join(short)}: their means leave the periodic refresh out (use --steps "
+                  f">= {max(r.freq for r in runners)}, or leave --steps unset)", file=sys.stderr)
+        clock = _Clock(dev)
 
-
-def _run_bench(
-    *,
-    model: str | None,
-    optimizers: list[str],
-    peers: list[str] | None,
-    steps: int | None,
-    warmup: int,
-    chunk: int,
-    batch_size: int | None,
-    seed: int,
-    progress: bool,
-    task: str | None,
-    device: str,
-    autocast: str | None,
-    floor: bool,
-    errors: dict[str, str] | None,
-    lr_scale: float,
-) -> dict[str, dict[str, Any]]:
-    dev = torch.device(device)
-    if task is not None:
-        work = task_workload(task, batch_size, seed, dev)
-    else:
-        work = model_workload(str(model), batch_size, seed, dev)
-    names = list(dict.fromkeys([*BASELINES, *optimizers]))
-    runners = [_make_ours(n, work, seed, device=dev, autocast=autocast, lr_scale=lr_scale)
-               for n in names]
-    runners += _peer_runners(list(peers or []), work, seed)
-    if steps is None:
-        steps = max(200, 2 * max(r.freq for r in runners))
-    rounds = math.ceil(steps / chunk)
-    steps = rounds * chunk
-    short = [f"{r.name} (every {r.freq})" for r in runners if r.freq > steps]
-    if short:
-        print(f"ngbench bench: warning: --steps {steps} does not cover one refresh period of "
-              f"{', '.join(short)}: their means leave the periodic refresh out (use --steps "
-              f">= {max(r.freq for r in runners)}, or leave --steps unset)", file=sys.stderr)
-    clock = _Clock(dev)
-
-    def run(r: Runner, n: int, *, timed: bool) -> None:
-        if r.error is not None:
-            return
-        for _ in range(n):
-            w0, c0 = clock(), time.process_time()
-            try:
-                split = r.step_fn()
-            except Exception as exc:  # a peer that diverges or breaks must not stop the rest
-                r.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                print(f"\nngbench bench: {r.name} failed and is dropped: {r.error}",
-                      file=sys.stderr)
+        def run(r: Runner, n: int, *, timed: bool) -> None:
+            if r.error is not None:
                 return
-            w1, c1 = clock(), time.process_time()
-            if timed:
-                r.wall += w1 - w0
-                r.cpu += c1 - c0
-                r.steps += 1
-                for k, v in split.items():
-                    r.split[k] = r.split.get(k, 0.0) + v
-        r.peak_bytes = max(r.peak_bytes, r.state_bytes())
+            for _ in range(n):
+                w0, c0 = clock(), time.process_time()
+                try:
+                    split = r.step_fn()
+                except Exception as exc:  # a peer that diverges or breaks must not stop the rest
+                    r.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    print(f"\nngbench bench: {r.name} failed and is dropped: {r.error}",
+                          file=sys.stderr)
+                    return
+                w1, c1 = clock(), time.process_time()
+                if timed:
+                    r.wall += w1 - w0
+                    r.cpu += c1 - c0
+                    r.steps += 1
+                    for k, v in split.items():
+                        r.split[k] = r.split.get(k, 0.0) + v
+            r.peak_bytes = max(r.peak_bytes, r.state_bytes())
 
-    for i in range(0, warmup, chunk):  # warm-up, interleaved too
+        for i in range(0, warmup, chunk):  # warm-up, interleaved too
+            for r in runners:
+                run(r, min(chunk, warmup - i), timed=False)
         for r in runners:
-            run(r, min(chunk, warmup - i), timed=False)
-    for r in runners:
-        r.phase0 = r.phases()
-    t_start = time.perf_counter()
-    for k in range(rounds):
-        for r in runners:
-            run(r, chunk, timed=True)
+            r.phase0 = r.phases()
+        t_start = time.perf_counter()
+        for k in range(rounds):
+            for r in runners:
+                run(r, chunk, timed=True)
+            if progress:
+                left = (time.perf_counter() - t_start) / (k + 1) * (rounds - k - 1)
+                print(
+                    f"\rngbench bench: {work.label} round {k + 1}/{rounds} ({chunk} steps x "
+                    f"{len(runners)} optimizers), ~{left:.0f}s left   ",
+                    end="", file=sys.stderr, flush=True,
+                )
         if progress:
-            left = (time.perf_counter() - t_start) / (k + 1) * (rounds - k - 1)
-            print(
-                f"\rngbench bench: {work.label} round {k + 1}/{rounds} ({chunk} steps x "
-                f"{len(runners)} optimizers), ~{left:.0f}s left   ",
-                end="", file=sys.stderr, flush=True,
-            )
-    if progress:
-        print(file=sys.stderr)
+            print(file=sys.stderr)
 
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    for name in BASELINES:
-        bad = next(r for r in runners if r.name == name)
-        if bad.error is not None:
-            raise RuntimeError(f"baseline {name} failed: {bad.error}")
-    if errors is not None:
-        errors.update({r.name: r.error for r in runners if r.error is not None})
-    runners = [r for r in runners if r.error is None]
-    mean = {r.name: r.wall / r.steps for r in runners}
-    by_name = {r.name: r for r in runners}
-    sgd_bytes = max(1, by_name["sgd"].peak_bytes)
-    out: dict[str, dict[str, Any]] = {}
-    for r in runners:
-        now = r.phases()
-        phases = {k: v / r.steps for k, v in r.split.items()}
-        phases.update({k: (now[k] - r.phase0.get(k, 0.0)) / r.steps for k in now})
-        out[r.name] = {
-            "mean_step_s": mean[r.name],
-            "ratio_vs_sgd": mean[r.name] / mean["sgd"],
-            "ratio_vs_adamw": mean[r.name] / mean["adamw"],
-            "cpu_step_s": r.cpu / r.steps,
-            "phases": phases,
-            "peak_mem_mb": r.peak_bytes / 2**20,
-            "mem_vs_sgd": r.peak_bytes / sgd_bytes,
-            "memory": _instrumented(r.optimizer)[1],
-            "max_rss_mb": rss_mb,
-            "steps": r.steps,
-            "warmup": warmup,
-            "refresh_every": r.freq,
-            "peer": r.name not in names,
-            "model": work.label,
-            "task": task,
-            "batch_size": work.batch_size,
-            "threads": torch.get_num_threads(),
-            "device": str(dev),
-            "autocast": autocast,
-            "lr_scale": lr_scale,
-            "finite": all(bool(torch.isfinite(p).all()) for p in r.model.parameters()),
-        }
-        if dev.type == "cuda":
-            out[r.name]["max_cuda_alloc_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-    if floor:
-        add_floors(out, work, by_name, dev)
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        for name in BASELINES:
+            bad = next(r for r in runners if r.name == name)
+            if bad.error is not None:
+                raise RuntimeError(f"baseline {name} failed: {bad.error}")
+        if errors is not None:
+            errors.update({r.name: r.error for r in runners if r.error is not None})
+        runners = [r for r in runners if r.error is None]
+        mean = {r.name: r.wall / r.steps for r in runners}
+        by_name = {r.name: r for r in runners}
+        sgd_bytes = max(1, by_name["sgd"].peak_bytes)
+        out: dict[str, dict[str, Any]] = {}
+        for r in runners:
+            now = r.phases()
+            phases = {k: v / r.steps for k, v in r.split.items()}
+            phases.update({k: (now[k] - r.phase0.get(k, 0.0)) / r.steps for k in now})
+            out[r.name] = {
+                "mean_step_s": mean[r.name],
+                "ratio_vs_sgd": mean[r.name] / mean["sgd"],
+                "ratio_vs_adamw": mean[r.name] / mean["adamw"],
+                "cpu_step_s": r.cpu / r.steps,
+                "phases": phases,
+                "peak_mem_mb": r.peak_bytes / 2**20,
+                "mem_vs_sgd": r.peak_bytes / sgd_bytes,
+                "memory": _instrumented(r.optimizer)[1],
+                "max_rss_mb": rss_mb,
+                "steps": r.steps,
+                "warmup": warmup,
+                "refresh_every": r.freq,
+                "peer": r.name not in names,
+                "model": work.label,
+                "task": task,
+                "batch_size": work.batch_size,
+                "threads": torch.get_num_threads(),
+                "device": str(dev),
+                "autocast": autocast,
+                "lr_scale": lr_scale,
+                "finite": all(bool(torch.isfinite(p).all()) for p in r.model.parameters()),
+            }
+            if dev.type == "cuda":
+                out[r.name]["max_cuda_alloc_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        if floor:
+            add_floors(out, work, by_name, dev)
+    for row in out.values():
+        row["flush_denormal"] = flushed
     return out
+
+
+@contextlib.contextmanager
+def _flushed_denormals(flag: bool) -> Iterator[bool]:
+    """Denormals flushed to zero on the CPU inside (when ``flag`` and the CPU can; torch's
+    default restored after); yields whether they are."""
+    flushed = torch.set_flush_denormal(flag)
+    try:
+        yield bool(flag and flushed)
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def add_floors(out: dict[str, dict[str, Any]], work: Workload, runners: dict[str, Runner],

@@ -136,29 +136,29 @@ class Rates:
             self._cache[key] = self._time(fn)
         return self._cache[key]
 
-    def _rand(self, *shape: int) -> Tensor:
-        return torch.randn(*shape, device=self.device, dtype=self.dtype)
+    def _rand(self, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.randn(*shape, device=self.device, dtype=dtype or self.dtype)
 
     def _call_fn(self) -> Callable[[], Any]:
         x = self._rand(1)
         return lambda: x.add_(1.0)
 
-    def gemm(self, m: int, k: int, n: int) -> float:
-        """``(m × k) @ (k × n)``."""
+    def gemm(self, m: int, k: int, n: int, dtype: torch.dtype | None = None) -> float:
+        """``(m × k) @ (k × n)`` (in ``dtype``, default the rates' own)."""
         if min(m, k, n) <= 0:
             return 0.0
-        key = ("gemm", m, k, n)
+        key = ("gemm", m, k, n, dtype or self.dtype)
         if key not in self._cache:
-            a, b = self._rand(m, k), self._rand(k, n)
+            a, b = self._rand(m, k, dtype=dtype), self._rand(k, n, dtype=dtype)
             self._measure(key, lambda: a @ b)
         return self._cache[key]
 
-    def bmm(self, b: int, m: int, k: int, n: int) -> float:
+    def bmm(self, b: int, m: int, k: int, n: int, dtype: torch.dtype | None = None) -> float:
         if min(b, m, k, n) <= 0:
             return 0.0
-        key = ("bmm", b, m, k, n)
+        key = ("bmm", b, m, k, n, dtype or self.dtype)
         if key not in self._cache:
-            x, y = self._rand(b, m, k), self._rand(b, k, n)
+            x, y = self._rand(b, m, k, dtype=dtype), self._rand(b, k, n, dtype=dtype)
             self._measure(key, lambda: torch.bmm(x, y))
         return self._cache[key]
 
@@ -170,6 +170,16 @@ class Rates:
             x = self._rand(n, n)
             s = x @ x.t() + n * torch.eye(n, device=self.device, dtype=self.dtype)
             self._measure(key, lambda: torch.linalg.eigh(s))
+        return self._cache[key]
+
+    def qr(self, n: int) -> float:
+        """QR decomposition of an ``n × n`` matrix."""
+        if n <= 1:
+            return self.call
+        key = ("qr", n)
+        if key not in self._cache:
+            x = self._rand(n, n)
+            self._measure(key, lambda: torch.linalg.qr(x))
         return self._cache[key]
 
     def binv(self, b: int, n: int) -> float:
@@ -220,7 +230,7 @@ def settings_of(opt: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("stat_every", "inv_every", "scale_every", "precondition_frequency",
                 "max_preconditioner_dim", "max_precond_dim", "approx", "scalings", "max_block",
-                "linear_block", "precondition_1d", "damping_form"):
+                "linear_block", "precondition_1d", "damping_form", "smw"):
         v = getattr(opt, key, None)
         if v is None:
             v = getattr(cfg, key, d.get(key))
@@ -230,15 +240,34 @@ def settings_of(opt: Any) -> dict[str, Any]:
              if isinstance(getattr(b, "kind", None), str)}
     if kinds:  # SNGD's metric per layer: input (shared), unit (per output unit) or diag
         out["block_kinds"] = kinds
+    for b in (getattr(opt, "blocks", None) or {}).values():
+        choice = getattr(b, "projection_dtype", None)
+        if choice is not None:  # EKFAC/TEKFAC: the dtype the projections are multiplied in
+            from ngbench.optimizers._eigencorrect import resolve_projection_dtype
+
+            out["projection_dtype"] = resolve_projection_dtype(str(choice), b.stat_dtype,
+                                                               b.device)
+            break
     return out
+
+
+def _gram(r: Rates, k: int, rows: int) -> float:
+    """``X Xᵀ`` of a ``k × rows`` matrix as optimizers/_linalg.py's ``gram`` forms it: from
+    ``GRAM_SPLIT`` rows of ``X`` on, the two diagonal blocks and one off-diagonal block."""
+    from ngbench.optimizers._linalg import GRAM_SPLIT
+
+    if k < GRAM_SPLIT:
+        return r.gemm(k, rows, k)
+    h = k // 2
+    return r.gemm(h, rows, h) + r.gemm(k - h, rows, h) + r.gemm(k - h, rows, k - h)
 
 
 def _kron_stats(r: Rates, s: LayerShape, approx: str) -> float:
     rows = s.N * (1 if approx == "reduce" else s.T)
-    t = r.gemm(s.m, rows, s.m) + r.call * 3
+    t = _gram(r, s.m, rows) + r.call * 3
     if s.kind == "embedding":
         return t + r.passes(s.N * s.T)  # bincount of the token ids
-    t += r.gemm(s.n, rows, s.n)
+    t += _gram(r, s.n - int(s.bias), rows)  # the bias row and column: a column sum
     if s.T > 1 and approx == "reduce":  # separable patch sums: ~kh row sums per output row
         t += r.passes(s.N * s.T * s.c_in * max(1, math.isqrt(s.k2)))
     elif s.T > 1:  # the patch copy behind the Gram over N·T rows
@@ -264,11 +293,20 @@ def _kron_precondition(r: Rates, s: LayerShape, eigen: bool) -> float:
     return t + r.passes(s.m * s.n, 3 if eigen else 1) + CALLS * r.call
 
 
-def _projections(r: Rates, s: LayerShape) -> float:
-    """EKFAC's exact scalings: rows projected into the eigenbasis and per-example products."""
-    rows = s.N * s.T
-    return (r.gemm(rows, s.n, s.n) + r.gemm(rows, s.m, s.m) + r.bmm(s.N, s.m, s.T, s.n)
-            + r.passes(s.N * s.m * s.n, 2))
+def _projections(r: Rates, s: LayerShape, dtype: torch.dtype | None = None) -> float:
+    """EKFAC's exact scalings ``Σ_n (Q_Gᵀ ∇W_n Q_A)²`` as ``projected_second_moment``
+    (optimizers/_eigencorrect.py) forms them; ``dtype``: the projections' multiply dtype."""
+    N, T, m, n = s.N, s.T, s.m, s.n
+    x = n - int(s.bias)  # rows without the bias column: ā Q_A = a Q_A[:-1] + Q_A[-1]
+    if T == 1:  # rank-one gradients: (g Q_G)²ᵀ (ā Q_A)², the last product in the factor dtype
+        return (r.gemm(N, x, n, dtype) + r.gemm(N, m, m, dtype) + r.gemm(m, N, n)
+                + r.passes(N * (m + n), 2))
+    if T * (n * n + m * m + m * n) <= T * m * n + m * n * (m + n):  # project the rows
+        return (r.gemm(N * T, x, n, dtype) + r.gemm(N * T, m, m, dtype)
+                + r.bmm(N, m, T, n, dtype) + r.passes(N * m * n, 2))
+    # per-example gradients, then Q_Gᵀ G_n Q_A (in the factor dtype)
+    return (r.bmm(N, m, T, x) + r.bmm(N, m, m, n) + r.bmm(N, m, n, n)
+            + r.passes(N * m * n, 2))
 
 
 def _tensor_blocks(name: str, settings: dict[str, Any],
@@ -317,6 +355,8 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
     if name in ("kfac", "ekfac", "tkfac", "tekfac"):
         approx = settings.get("approx", "expand") if name in ("kfac", "ekfac") else "expand"
         scale = _every(settings.get("scale_every"), stat)
+        # the exact scalings' projections: on scale steps that do not refresh the basis
+        proj_rate = 1 / scale - (1 / inv if inv % scale == 0 else 1 / math.lcm(scale, inv))
         # EKFAC/TEKFAC precondition in the eigenbasis, TKFAC with two damped inverses
         # (optimizers/tkfac.py), K-FAC as its damping_form says
         eigen = name in ("ekfac", "tekfac") or (
@@ -326,13 +366,15 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
             out["inverse"] += _kron_inverse(r, s, eigen) / inv
             out["precondition"] += _kron_precondition(r, s, eigen)
             if name in ("ekfac", "tekfac") and s.kind != "embedding":
-                out["statistics"] += _projections(r, s) / scale
+                out["statistics"] += (_projections(r, s, settings.get("projection_dtype"))
+                                      * proj_rate)
             if name in ("tkfac", "tekfac"):  # per-example norms: O(N) extra work
                 out["statistics"] += r.passes(s.N * s.T * (s.m + s.n)) / stat
         return out
     if name in ("shampoo", "soap"):
         freq = _every(settings.get("precondition_frequency"), 1)
-        k = 1 if name == "shampoo" else 2  # SOAP: project in and back
+        # SOAP projects the gradient and the first moment in, the direction back out
+        k = 1 if name == "shampoo" else 3
         for count, dims in _tensor_blocks(name, settings, param_shapes):
             numel = math.prod(dims)
             for d in dims:
@@ -340,18 +382,19 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
                     continue
                 rest = numel // d
                 out["statistics"] += count * r.gemm(d, rest, d)
-                out["inverse"] += count * (r.eigh(d) + r.gemm(d, d, d)) / freq
+                if name == "shampoo":  # eigh, then Q diag(λ^-1/p) Qᵀ
+                    refresh = r.eigh(d) + r.gemm(d, d, d)
+                else:  # one power iteration: diag(QᵀPQ) for the order, then qr(P Q)
+                    refresh = 3 * r.gemm(d, d, d) + r.qr(d)
+                out["inverse"] += count * refresh / freq
                 out["precondition"] += count * k * r.gemm(d, d, rest)
             out["update"] += r.passes(count * numel, 3 if name == "shampoo" else 5)
             out["precondition"] += CALLS * r.call
         return out
     if name == "ngplus":
         for s in shapes:
-            if s.kind == "embedding":
-                continue
-            out["statistics"] += (r.gemm(s.m, s.N * s.T, s.n) + r.gemm(s.m, s.N * s.n, s.m)) / stat
-            out["inverse"] += r.eigh(s.m) / inv
-            out["precondition"] += r.gemm(s.m, s.m, s.n) + CALLS * r.call
+            for phase, t in _ngplus_layer(r, s, str(settings.get("smw", "auto"))).items():
+                out[phase] += t / {"statistics": stat, "inverse": inv}.get(phase, 1)
         return out
     if name == "sngd":
         for s in shapes:
@@ -363,7 +406,8 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
                 out["precondition"] += r.passes(s.m * s.n)
             elif kind == "input":  # M = E[x̃x̃ᵀ] over the (unfolded) input rows
                 copy = r.passes(rows * s.n) if s.T > 1 else 0.0
-                out["statistics"] += (r.gemm(s.n, rows, s.n) + copy) / stat
+                x = s.n - int(s.bias)  # the bias row and column: a column sum
+                out["statistics"] += (r.gemm(x, rows, x) + copy) / stat
                 out["inverse"] += r.binv(1, s.n) / inv
                 out["precondition"] += r.gemm(s.m, s.n, s.n)
             else:  # unit: M_j = E[ψ_j x̃x̃ᵀ], the upper triangles of all m units in one GEMM
@@ -379,7 +423,9 @@ def predict(name: str, settings: dict[str, Any], shapes: list[LayerShape], rates
             if s.kind == "embedding":
                 continue
             b, k = _mini_blocks(s, settings)
-            grads = r.bmm(s.N, s.m, s.T, s.n) if s.T > 1 else r.passes(s.N * s.m * s.n)
+            # per-example gradients (the bias column: a sum over locations)
+            grads = (r.bmm(s.N, s.m, s.T, s.n - int(s.bias)) if s.T > 1
+                     else r.passes(s.N * s.m * s.n))
             out["statistics"] += (grads + r.bmm(b, k, s.N, k)) / stat
             out["inverse"] += r.binv(b, k) / inv
             out["precondition"] += r.bmm(b, k, k, 1) + CALLS * r.call
@@ -411,9 +457,12 @@ def memory_floor(name: str, settings: dict[str, Any], shapes: list[LayerShape],
         for count, dims in _tensor_blocks(name, settings, param_shapes):
             total += count * sum(2 * d * d for d in dims if d > 1)  # factors and roots/bases
         return (total + 2 * params) * bytes_per  # + grafting/Adam second moment, momentum
-    if name == "ngplus":  # an m×m factor and its inverse, or the N·T-sized SMW kernel
-        return (sum(2 * min(s.m, s.N * s.T) ** 2 for s in shapes if s.kind != "embedding")
-                + params) * bytes_per
+    if name == "ngplus":  # the m×m GFIM and its inverse, or SMW's U (m×k) and kernel (k×k)
+        mode = str(settings.get("smw", "auto"))
+        for s in shapes:
+            k = _ngplus_smw(s, mode)
+            total += s.m * k + k * k if k else 2 * s.m * s.m
+        return (total + params) * bytes_per
     if name == "sngd":  # each metric and its inverse
         for s in shapes:
             kind = _sngd_kind(s, settings)
@@ -426,6 +475,44 @@ def memory_floor(name: str, settings: dict[str, Any], shapes: list[LayerShape],
                 total += 2 * b * k * k  # running blocks and their inverses
         return (total + params) * bytes_per
     return None
+
+
+def _ngplus_smw(s: LayerShape, mode: str) -> int:
+    """The width ``k`` of NG+'s snapshot factor ``U`` (``m × k``) when the layer takes the
+    Sherman–Morrison–Woodbury path, else 0 (optimizers/ngplus.py: Linear layers, ``auto``:
+    when ``k < m`` on the first statistic batch)."""
+    k = s.N if s.T == 1 else s.N * s.n
+    if s.kind != "linear" or mode == "never" or (mode == "auto" and k >= s.m):
+        return 0
+    return k
+
+
+def _ngplus_layer(r: Rates, s: LayerShape, mode: str) -> dict[str, float]:
+    """NG+'s work on one layer per statistic / refresh / step, as optimizers/ngplus.py does it:
+    the GFIM ``Σ_n G_n G_nᵀ`` (rank-one rows, per-example ``G_n`` or the location kernel,
+    whichever its own rule picks), its damped inverse, ``F⁻¹ V``; or the SMW path."""
+    N, T, m, n = s.N, s.T, s.m, s.n
+    out = {"precondition": CALLS * r.call}
+    k = _ngplus_smw(s, mode)
+    if k:
+        out["statistics"] = (r.passes(N * (m + n)) if T == 1
+                             else r.bmm(N, m, T, n) + r.passes(N * m * n))
+        out["inverse"] = r.gemm(k, m, k) + r.binv(1, k)
+        out["precondition"] += (r.gemm(k, m, n) + r.gemm(k, k, n) + r.gemm(m, k, n)
+                                + r.passes(m * n, 2))
+        return out
+    if s.kind == "embedding":
+        out["statistics"] = (r.gemm(m, N, m) if T == 1
+                             else r.bmm(N, T, T, m) + r.gemm(m, N * T, m) + r.passes(N * T * T))
+    elif T == 1:
+        out["statistics"] = r.passes(N * (m + n)) + r.gemm(m, N, m)
+    elif T * m * n + m * m * n <= T * T * n + T * T * m + T * m * m:  # per-example G_n
+        out["statistics"] = r.bmm(N, m, T, n) + r.gemm(m, N * n, m)
+    else:  # the location kernel g_nᵀ (ā_n ā_nᵀ) g_n
+        out["statistics"] = r.bmm(N, T, n, T) + r.bmm(N, T, T, m) + r.gemm(m, N * T, m)
+    out["inverse"] = r.binv(1, m)
+    out["precondition"] += r.gemm(m, m, n)
+    return out
 
 
 def _sngd_kind(s: LayerShape, settings: dict[str, Any]) -> str:

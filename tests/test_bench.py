@@ -172,14 +172,17 @@ class FakeRates(costmodel.Rates):
     def __init__(self) -> None:
         self.call = 1e-6
 
-    def gemm(self, m, k, n):
+    def gemm(self, m, k, n, dtype=None):
         return 2e-12 * m * k * n
 
-    def bmm(self, b, m, k, n):
+    def bmm(self, b, m, k, n, dtype=None):
         return 2e-12 * b * m * k * n
 
     def eigh(self, n):
         return 1e-11 * n**3
+
+    def qr(self, n):
+        return 4e-12 * n**3
 
     def binv(self, b, n):
         return 1e-11 * b * n**3
@@ -238,6 +241,101 @@ def test_cost_model_shapes_reduce_and_memory_floor():
     conv_w = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     only_convs = [s for s in shape_list if s.kind == "conv2d"]
     assert costmodel.memory_floor("mbf", {}, only_convs, 0) == 4 * 2 * 9 * conv_w
+
+
+class FlopRates(costmodel.Rates):
+    """Prices a product at its flop count (``2·m·k·n``, as torch's FlopCounterMode counts it)
+    and everything FlopCounterMode does not count (factorisations, elementwise passes, calls)
+    at zero: the model's predicted phases then sum to the products it expects a method to run."""
+
+    def __init__(self) -> None:
+        self.call = 0.0
+
+    def gemm(self, m, k, n, dtype=None):
+        return 2.0 * m * k * n
+
+    def bmm(self, b, m, k, n, dtype=None):
+        return 2.0 * b * m * k * n
+
+    def eigh(self, n):
+        return 0.0
+
+    qr = eigh
+
+    def binv(self, b, n):
+        return 0.0
+
+    def passes(self, numel, k=1.0):
+        return 0.0
+
+
+def _counted_flops(fn) -> int:
+    """Flops of the products ``fn`` runs; the in-place ``addmm_``/``baddbmm_`` that the
+    statistics accumulate with are counted too (torch's table has only the out-of-place ops)."""
+    from torch.utils import flop_counter as fcm
+
+    extra = {torch.ops.aten.addmm_: lambda s, a, b, *_, **__: fcm.mm_flop(a, b),
+             torch.ops.aten.baddbmm_: lambda s, a, b, *_, **__: fcm.bmm_flop(a, b)}
+    with fcm.FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _mlp_and_batch():
+    torch.manual_seed(0)
+    # the last layer's 64 outputs exceed the batch of 16: NG+ takes its SMW path there
+    model = torch.nn.Sequential(torch.nn.Linear(20, 48), torch.nn.Tanh(), torch.nn.Linear(48, 8),
+                                torch.nn.Tanh(), torch.nn.Linear(8, 64))
+    y = torch.randn(16, 64)
+    return model, torch.randn(16, 20), lambda out: torch.nn.functional.mse_loss(out, y)
+
+
+def _cnn_and_batch():
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (4,))
+    return (bench.SmallCNN(), torch.randn(4, 3, 32, 32),
+            lambda out: torch.nn.functional.cross_entropy(out, y))
+
+
+@pytest.mark.parametrize("make", [_mlp_and_batch, _cnn_and_batch], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("label", ["kfac", "kfac:approx=reduce", "ekfac", "tekfac", "tkfac",
+                                   "ngplus", "shampoo", "soap", "sngd", "mbf"])
+def test_cost_model_counts_the_products_each_method_runs(label, make):
+    """The floor's products are the method's own: over one full refresh period, the flops of
+    forward + backward + step minus a plain model's forward + backward equal the model's
+    predicted phases priced at flops (FlopRates).  Checks every code path the model mirrors:
+    the 3/4 Gram split, bias columns as sums, EKFAC's rank-one projections and the projection
+    steps that skip refreshes, NG+'s SMW layer, SOAP's three projections and power iteration."""
+    import copy
+
+    from ngbench.optimizers import build_optimizer
+
+    model, x, loss_of = make()
+    plain = copy.deepcopy(model)
+    base = _counted_flops(lambda: loss_of(plain(x)).backward())
+    name, extra = bench.parse_variant(label)
+    period = 4
+    hp = ({"precondition_frequency": period} if name in ("shampoo", "soap")
+          else {"stat_every": 2, "inv_every": period})
+    if name == "sngd":  # precondition from the first refresh (the model prices steady state)
+        hp["rank_warmup"] = False
+    opt = build_optimizer(name, model, lr=1e-4, **hp, **extra)
+
+    def step() -> None:
+        opt.zero_grad()
+        loss_of(model(x)).backward()
+        opt.step()
+
+    for _ in range(2 * period):  # past every first-refresh path
+        step()
+    got = _counted_flops(lambda: [step() for _ in range(period)]) / period - base
+    registered = getattr(opt, "layers", None)  # Shampoo and SOAP: parameters, not layers
+    shapes = [s for s in costmodel.layer_shapes(model, lambda: model(x))
+              if registered is None or s.name in registered]
+    params = [p for p in model.parameters() if p.requires_grad]
+    pred = costmodel.predict(name, costmodel.settings_of(opt), shapes, FlopRates(),
+                             sum(p.numel() for p in params), [tuple(p.shape) for p in params])
+    assert sum(pred.values()) == pytest.approx(got, rel=1e-9)
 
 
 def test_kfac_memory_floor_is_a_tight_lower_bound():
@@ -329,13 +427,13 @@ def test_denormals_are_flushed_during_the_bench_only(tmp_path, monkeypatch):
     args = ["bench", "--optimizers", "sgd", "--steps", "2", "--warmup", "0", "--chunk", "2",
             "--threads", "1", "--no-floor", "--quiet"]
     seen: list[bool] = []
-    real = bench._run_bench
+    real = bench.model_workload
 
-    def spy(**kw):
+    def spy(*args, **kw):
         seen.append(bool((tiny * 1.0).item() == 0.0))  # flushed inside the bench
-        return real(**kw)
+        return real(*args, **kw)
 
-    monkeypatch.setattr(bench, "_run_bench", spy)
+    monkeypatch.setattr(bench, "model_workload", spy)
     assert cli.main([*args, "--json", str(tmp_path / "a.json")]) == 0
     assert cli.main([*args, "--keep-denormals", "--json", str(tmp_path / "b.json")]) == 0
     assert seen == [True, False]
