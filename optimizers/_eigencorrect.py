@@ -188,6 +188,12 @@ def _per_example_grads(a: Tensor, g: Tensor, *, has_bias: bool) -> Tensor:
     return pe
 
 
+def rows_path_is_cheaper(T: int, m: int, n: int) -> bool:
+    """Whether :func:`projected_second_moment` projects the rows (``T·(n² + m² + m·n)``
+    multiplies) rather than forming per-example gradients (``T·m·n + m·n·(m + n)``)."""
+    return T * (n * n + m * m + m * n) <= T * m * n + m * n * (m + n)
+
+
 def projected_second_moment(
     a: Tensor,
     g: Tensor,
@@ -225,9 +231,7 @@ def projected_second_moment(
         out = gg.new_zeros(n, m).index_add_(0, uniq % n, per.square())
         return out.t()
     if path == "auto":
-        rows_cost = T * (n * n + m * m + m * n)
-        grads_cost = T * m * n + m * n * (m + n)
-        path = "rows" if rows_cost <= grads_cost else "grads"
+        path = "rows" if rows_path_is_cheaper(T, m, n) else "grads"
     work = (dtype or out_dtype) if T == 1 or path == "rows" else out_dtype
     a, g, qa, qg = a.to(work), g.to(work), qa.to(work), qg.to(work)
     if T == 1:  # rank-one per-example gradients: (gᵀQ_G)² ⊗ (āᵀQ_A)²

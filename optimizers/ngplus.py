@@ -245,14 +245,18 @@ class NGPlusBlock(CurvatureBlock):
         return f + delta * torch.eye(self.m, dtype=f.dtype, device=f.device)
 
 
+def direct_gram_is_cheaper(T: int, m: int, n: int) -> bool:
+    """Whether :func:`_per_example_gram` forms each ``G_n`` (``T·m·n + m²·n`` per example)
+    rather than the location kernel ``g_nᵀ (ā_n ā_nᵀ) g_n`` (``T²·n + T²·m + T·m²``)."""
+    return T * m * n + m * m * n <= T * T * n + T * T * m + T * m * m
+
+
 def _per_example_gram(a: Tensor, g: Tensor) -> Tensor:
     """``Σ_n G_n G_nᵀ`` with ``G_n = g_nᵀ a_n`` for ``a (N,T,n)``, ``g (N,T,m)``."""
     N, T, n = a.shape
     m = g.shape[-1]
-    direct = T * m * n + m * m * n  # per example: form G_n, then G_n G_nᵀ
-    kernel = T * T * n + T * T * m + T * m * m  # a_n a_nᵀ, then g_nᵀ K_n g_n
     out = g.new_zeros(m, m)
-    if direct <= kernel:
+    if direct_gram_is_cheaper(T, m, n):
         step = max(1, _CHUNK_ELEMS // max(1, m * n))
         for s in range(0, N, step):
             gn = torch.bmm(g[s : s + step].transpose(1, 2), a[s : s + step])  # (c, m, n)

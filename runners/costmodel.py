@@ -303,7 +303,9 @@ def _projections(r: Rates, s: LayerShape, dtype: torch.dtype | None = None) -> f
     if T == 1:  # rank-one gradients: (g Q_G)²ᵀ (ā Q_A)², the last product in the factor dtype
         return (r.gemm(N, x, n, dtype) + r.gemm(N, m, m, dtype) + r.gemm(m, N, n)
                 + r.passes(N * (m + n), 2))
-    if T * (n * n + m * m + m * n) <= T * m * n + m * n * (m + n):  # project the rows
+    from ngbench.optimizers._eigencorrect import rows_path_is_cheaper
+
+    if rows_path_is_cheaper(T, m, n):  # project the rows
         return (r.gemm(N * T, x, n, dtype) + r.gemm(N * T, m, m, dtype)
                 + r.bmm(N, m, T, n, dtype) + r.passes(N * m * n, 2))
     # per-example gradients, then Q_Gᵀ G_n Q_A (in the factor dtype)
@@ -493,6 +495,8 @@ def _ngplus_layer(r: Rates, s: LayerShape, mode: str) -> dict[str, float]:
     """NG+'s work on one layer per statistic / refresh / step, as optimizers/ngplus.py does it:
     the GFIM ``Σ_n G_n G_nᵀ`` (rank-one rows, per-example ``G_n`` or the location kernel,
     whichever its own rule picks), its damped inverse, ``F⁻¹ V``; or the SMW path."""
+    from ngbench.optimizers.ngplus import direct_gram_is_cheaper
+
     N, T, m, n = s.N, s.T, s.m, s.n
     out = {"precondition": CALLS * r.call}
     k = _ngplus_smw(s, mode)
@@ -508,7 +512,7 @@ def _ngplus_layer(r: Rates, s: LayerShape, mode: str) -> dict[str, float]:
                              else r.bmm(N, T, T, m) + r.gemm(m, N * T, m) + r.passes(N * T * T))
     elif T == 1:
         out["statistics"] = r.passes(N * (m + n)) + r.gemm(m, N, m)
-    elif T * m * n + m * m * n <= T * T * n + T * T * m + T * m * m:  # per-example G_n
+    elif direct_gram_is_cheaper(T, m, n):  # per-example G_n
         out["statistics"] = r.bmm(N, m, T, n) + r.gemm(m, N * n, m)
     else:  # the location kernel g_nᵀ (ā_n ā_nᵀ) g_n
         out["statistics"] = r.bmm(N, T, n, T) + r.bmm(N, T, T, m) + r.gemm(m, N * T, m)
